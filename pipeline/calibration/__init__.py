@@ -1,0 +1,1 @@
+"""Calibration data: procedurally generated long-context tasks answered by the model itself."""

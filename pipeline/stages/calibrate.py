@@ -1,0 +1,111 @@
+"""stage=calibrate: long-context samples at every profile length, answered by the model's own greedy decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from pipeline import io  # noqa: E402
+from pipeline.calibration.builder import build_sample, make_item, pack  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.stages.registry import stage  # noqa: E402
+
+SPLIT = "calibration"
+
+
+def dataset_path(run_dir: Path, length: int) -> Path:
+    return run_dir / "calibrate" / f"calibration_{length}.safetensors"
+
+
+def _finished(path: Path, config_hash: str) -> bool:
+    """A length is finished when its dataset file exists and was written for this config hash."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("config_hash") == config_hash
+
+
+@stage("calibrate", config_keys=("calibration",), outputs=("calibrate/manifest.json",))
+def run_calibrate(ctx):
+    """Build calibration samples whose answers depend on far-back context, with response-only loss masks."""
+    cal = ctx.cfg.calibration
+    loaded = ctx.load_model()
+    model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    lengths = sorted(int(n) for n in cal.lengths)
+    too_long = [n for n in lengths if info.max_positions and n > info.max_positions]
+    if too_long:
+        raise UserError(f"calibration.lengths: {too_long[0]} exceeds the model's {info.max_positions} positions")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    manifest = {"model": info.as_dict(), "config_hash": ctx.config_hash, "lengths": {}}
+    tasks = list(cal.tasks)
+    for length in lengths:
+        path = dataset_path(ctx.run_dir, length)
+        meta_path = path.with_name(f"samples_{length}.jsonl")
+        if not ctx.force and _finished(path, ctx.config_hash) and meta_path.is_file():
+            print(f"  length {length}: already built, skipped", flush=True)
+            records = [json.loads(line) for line in meta_path.read_text().splitlines()]
+        else:
+            samples = []
+            for index in ctx.progress(range(int(cal.samples_per_length)), desc=f"calibrate N={length}"):
+                task = tasks[index % len(tasks)]
+                try:
+                    item = make_item(tokenizer, task, length, int(cal.max_new_tokens), split=SPLIT, index=index, seed=int(cal.seed))
+                except ValueError as err:
+                    raise UserError(f"calibration.lengths: {length} is too short for task {task} ({err})") from None
+                samples.append(build_sample(model, tokenizer, item, int(cal.max_new_tokens)))
+            tensors = pack(samples, length, pad_id)
+            records = [
+                {
+                    "index": i,
+                    "task": s.item.task,
+                    "answer": s.item.answer,
+                    "response": s.response_text,
+                    "correct": s.correct,
+                    "prompt_tokens": len(s.prompt_ids),
+                    "response_tokens": len(s.response_ids),
+                }
+                for i, s in enumerate(samples)
+            ]
+            io.write_text(meta_path, "".join(json.dumps(r) + "\n" for r in records))
+            io.save_tensors(path, tensors, metadata={"config_hash": ctx.config_hash, "fingerprint": info.fingerprint, "length": str(length)})
+        manifest["lengths"][str(length)] = {
+            "file": path.name,
+            "samples": len(records),
+            "dense_accuracy": sum(r["correct"] for r in records) / max(1, len(records)),
+            "tasks": sorted({r["task"] for r in records}),
+        }
+        ctx.log_metrics(
+            {
+                f"samples@{length}": len(records),
+                f"dense_accuracy@{length}": manifest["lengths"][str(length)]["dense_accuracy"],
+                f"mean_response_tokens@{length}": sum(r["response_tokens"] for r in records) / max(1, len(records)),
+            }
+        )
+        ctx.log_artifact(meta_path, artifact_path="calibration")
+    manifest_path = ctx.run_dir / "calibrate" / "manifest.json"
+    io.write_json(manifest_path, manifest)
+    ctx.log_artifact(manifest_path, artifact_path="calibration")
+    ctx.log_figure(_length_histogram(ctx.run_dir, lengths), "calibration_lengths.png")
+    return {"lengths": lengths, "samples": sum(v["samples"] for v in manifest["lengths"].values())}
+
+
+def _length_histogram(run_dir: Path, lengths: list[int]):
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for length in lengths:
+        with safe_open(str(dataset_path(run_dir, length)), framework="pt") as handle:
+            prompts = handle.get_tensor("prompt_lengths").tolist()
+            totals = handle.get_tensor("lengths").tolist()
+        axis.hist(prompts, bins=20, alpha=0.6, label=f"N={length} prompt")
+        axis.hist(totals, bins=20, alpha=0.3, histtype="step", label=f"N={length} prompt+response")
+    axis.set_xlabel("tokens")
+    axis.set_ylabel("samples")
+    axis.set_title("Calibration sample lengths")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,58 @@
+"""Stage registry: each stage declares what it needs, which config affects it, and what it writes.
+
+A stage is a function ``fn(ctx: StageContext) -> dict | None`` registered with :func:`stage`. The runner
+(:mod:`pipeline.runner`) orders stages, skips those whose outputs exist for the same config hash, opens one
+nested MLflow run per stage, and records a completion marker ``<run_dir>/<name>/.done.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STAGE_ORDER = ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark", "adapters")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable
+    requires: tuple[str, ...] = ()
+    """Stages whose artifacts this one reads; their config hashes feed into this stage's hash."""
+    config_keys: tuple[str, ...] = ()
+    """Top-level config sections that change this stage's result (``model`` is always included)."""
+    outputs: tuple[str, ...] = ()
+    """Paths relative to ``run_dir`` that must exist for the stage to count as done."""
+    uses_model: bool = True
+    doc: str = field(default="")
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: bool = True):
+    """Decorator registering ``fn`` as the implementation of stage ``name``."""
+    if name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage name {name!r}")
+
+    def wrap(fn):
+        _REGISTRY[name] = Stage(
+            name=name,
+            fn=fn,
+            requires=tuple(requires),
+            config_keys=tuple(config_keys),
+            outputs=tuple(outputs),
+            uses_model=uses_model,
+            doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+        )
+        return fn
+
+    return wrap
+
+
+def registered() -> dict[str, Stage]:
+    """All implemented stages, importing the stage modules on first use."""
+    from pipeline.stages import load_all
+
+    load_all()
+    return dict(_REGISTRY)
