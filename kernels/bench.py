@@ -1,0 +1,218 @@
+"""Kernel benchmark harness: sparse prefill and decode against dense attention and compiled FlexAttention.
+
+Every measured row is a plain dict (one CSV row / one MLflow run). Prefill rows compare, at each sequence length
+and span fraction, dense causal SDPA, ``torch.compile``'d FlexAttention on the same mask, the ``cpu`` backend and
+(on CUDA) the Triton kernel. Decode rows time one decode step at each density against a dense cache, with the
+KV-cache bytes each needs. Errors are measured against dense masked attention evaluated in float32 on a sample
+of query rows (exact for those rows, and affordable at any length).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.flex import moa_attention_flex
+from kernels.pattern import kept_pairs
+
+PREFILL_BACKENDS = ("dense", "flex", "cpu", "triton")
+DECODE_BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to sweep and how to time it (see ``pipeline/conf/benchmark/default.yaml``)."""
+
+    seq_lens: tuple[int, ...]
+    densities: tuple[float, ...]
+    backends: tuple[str, ...]
+    decode_seq_lens: tuple[int, ...]
+    decode_backends: tuple[str, ...]
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    sink: int
+    dtype: torch.dtype
+    device: torch.device
+    warmup: int
+    repeats: int
+    decode_repeats: int
+    error_rows: int
+    seed: int
+
+
+def time_ms(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median, 20th and 80th percentile wall time of ``fn`` in milliseconds, after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    cuts = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"latency_ms_p50": statistics.median(times), "latency_ms_p20": cuts[1], "latency_ms_p80": cuts[7]}
+
+
+def spans_for(n: int, fraction: float, heads: int) -> torch.Tensor:
+    """Every head at span ``fraction * n`` (at least 1): the density axis of the sweep."""
+    return torch.full((heads,), max(1, min(n, round(fraction * n))), dtype=torch.int64)
+
+
+def masked_rows_reference(q, k, v, spans, sink, rows: torch.Tensor) -> torch.Tensor:
+    """Dense masked attention in float32 for query ``rows`` only: (B, Hq, R, D). The error oracle."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)  # (B, Hq, N, D)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q[:, :, rows].float() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, Hq, R, N)
+    i = rows.view(1, -1, 1).to(q.device)
+    j = torch.arange(q.shape[2], device=q.device).view(1, 1, -1)
+    keep = (j <= i) & ((j < sink) | (i - j < spans.to(q.device).view(-1, 1, 1)))  # (Hq, R, N)
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def _prefill_fn(backend: str, q, k, v, spans, sink) -> Callable[[], torch.Tensor]:
+    group = q.shape[1] // k.shape[1]
+    if backend == "dense":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    if backend == "flex":
+        return lambda: moa_attention_flex(q, k, v, spans, sink)
+    return lambda: kernels.moa_attention(q, k, v, spans, sink, backend=backend)
+
+
+def _flops(pairs: int, s: BenchSettings) -> float:
+    """Useful floating-point operations: QK^T and PV, 2 * D each per kept pair, over batch and heads."""
+    return 4.0 * pairs * s.head_dim * s.batch * s.heads
+
+
+def prefill_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
+    """Benchmark rows of the prefill sweep: one dense row per length, then one row per (density, backend)."""
+    gen = torch.Generator().manual_seed(s.seed)
+    grid = [(n, f) for n in s.seq_lens for f in (None, *s.densities)]
+    rows = []
+    for n, fraction in progress(grid):
+        if fraction is None:  # new length: fresh inputs and the dense baseline
+            q = torch.randn(s.batch, s.heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
+            k, v = (torch.randn(s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
+                    for _ in range(2))
+            err_rows = torch.linspace(0, n - 1, min(n, s.error_rows)).round().long().unique()
+            dense = time_ms(_prefill_fn("dense", q, k, v, None, 0), s.warmup, s.repeats, s.device)
+            causal = n * (n + 1) // 2
+            rows.append(_prefill_row(s, "dense", n, 1.0, n, dense, dense, None, causal, causal, float("nan")))
+            continue
+        spans = spans_for(n, fraction, s.heads)
+        span = int(spans[0])
+        pairs = kept_pairs(n, span, s.sink)
+        expected = masked_rows_reference(q, k, v, spans, s.sink, err_rows)
+        timed = {}
+        for backend in s.backends:
+            if backend == "dense":
+                continue
+            fn = _prefill_fn(backend, q, k, v, spans, s.sink)
+            err = (fn()[:, :, err_rows].float() - expected).abs().max().item()
+            timed[backend] = (time_ms(fn, s.warmup, s.repeats, s.device), err)
+        flex = timed.get("flex", (None,))[0]
+        for backend, (lat, err) in timed.items():
+            rows.append(_prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, n * (n + 1) // 2, err))
+    return rows
+
+
+def _prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, causal, err) -> dict:
+    ideal = causal / pairs
+    speedup = dense["latency_ms_p50"] / lat["latency_ms_p50"]
+    return {
+        "section": "prefill", "backend": backend, "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""),
+        "seq_len": n, "density": fraction, "span": span, "sink": s.sink, "batch": s.batch, "heads": s.heads,
+        "kv_heads": s.kv_heads, "head_dim": s.head_dim,
+        "attention_density": pairs / causal if backend != "dense" else 1.0,
+        **lat,
+        "speedup_vs_dense": speedup,
+        "speedup_vs_flex": flex["latency_ms_p50"] / lat["latency_ms_p50"] if flex else float("nan"),
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": speedup / ideal,
+        "max_abs_err": err,
+        "gflops": _flops(pairs, s) / lat["latency_ms_p50"] / 1e6,
+        "kv_cache_mb": float("nan"),
+    }
+
+
+def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
+    """One decode step per (length, density, backend) against a per-KV-head cache holding each head's
+    ``min(sink + span, N)`` tokens, and the dense step (every head holds ``N``) as baseline."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    itemsize = torch.empty((), dtype=s.dtype).element_size()
+    rows = []
+    grid = [(n, f, b) for n in s.decode_seq_lens for f in (1.0, *s.densities) for b in s.decode_backends]
+    dense_ms = {}
+    for n, fraction, backend in progress(grid):
+        kept = [min(s.sink + int(span), n) for span in spans_for(n, fraction, s.kv_heads)]  # 1.0: all N tokens
+        q = torch.randn(s.batch, s.heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
+        k_cache, v_cache = (torch.randn(s.batch, s.kv_heads, max(kept), s.head_dim, generator=gen)
+                            .to(s.device, s.dtype) for _ in range(2))
+        lengths = torch.tensor(kept, device=s.device)
+
+        def step(backend=backend, q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
+            return kernels.moa_decode_attention(q, k_cache, v_cache, lengths, backend=backend)
+
+        expected = kernels.moa_decode_attention(q.float(), k_cache.float(), v_cache.float(), lengths,
+                                                backend="reference")
+        err = (step().float() - expected).abs().max().item()
+        lat = time_ms(step, s.warmup, s.decode_repeats, s.device)
+        if fraction == 1.0:
+            dense_ms[(n, backend)] = lat["latency_ms_p50"]
+        kv_bytes = sum(kept) * s.head_dim * 2 * itemsize * s.batch
+        rows.append({
+            "section": "decode", "backend": f"decode-{backend}" if fraction < 1.0 else f"decode-{backend}-dense",
+            "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""), "seq_len": n,
+            "density": fraction, "span": int(spans_for(n, fraction, 1)[0]), "sink": s.sink, "batch": s.batch,
+            "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
+            "attention_density": sum(kept) / (n * s.kv_heads),  # one query row: kept keys / all keys
+            **lat,
+            "speedup_vs_dense": dense_ms[(n, backend)] / lat["latency_ms_p50"],
+            "speedup_vs_flex": float("nan"),
+            "ideal_speedup": n * s.kv_heads / sum(kept),
+            "fraction_of_ideal": dense_ms[(n, backend)] / lat["latency_ms_p50"] / (n * s.kv_heads / sum(kept)),
+            "max_abs_err": err,
+            "gflops": 4.0 * sum(kept) * (s.heads // s.kv_heads) * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
+            "kv_cache_mb": kv_bytes / 2**20,
+        })
+    return rows
+
+
+def available_backends(requested: Iterable[str], device: torch.device, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested backends that can run on ``device`` (``triton`` needs CUDA; ``cpu`` needs a CPU)."""
+    unknown = sorted(set(requested) - set(choices))
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; expected a subset of {list(choices)}")
+    skip = {"triton"} if device.type != "cuda" else {"cpu"}
+    return tuple(b for b in requested if b not in skip)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A readable fixed-width table of the rows' key columns."""
+    cols = ["section", "backend", "seq_len", "density", "latency_ms_p50", "speedup_vs_dense", "speedup_vs_flex",
+            "ideal_speedup", "fraction_of_ideal", "gflops", "max_abs_err", "kv_cache_mb"]
+    head = ["sect", "backend", "N", "dens", "p50 ms", "x dense", "x flex", "ideal", "of ideal", "GFLOP/s", "max err",
+            "KV MiB"]
+    widths = [7, 18, 7, 6, 10, 8, 7, 6, 8, 8, 9, 8]
+
+    def cell(value, width):
+        if isinstance(value, float):
+            text = f"{value:.3g}" if value == value else "-"
+        else:
+            text = str(value)
+        return text.rjust(width)
+
+    lines = [" ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines += [" ".join(cell(r[c], w) for c, w in zip(cols, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

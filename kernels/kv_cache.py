@@ -1,0 +1,201 @@
+"""Per-head static KV cache for sparse decoding, gpt-fast style: pre-allocated, indexed, and boring.
+
+Which tokens a KV head keeps. The pattern (:mod:`kernels.pattern`) lets query ``i`` see key ``j`` iff
+``j <= i`` and (``j < sink`` or ``i - j < S``): the sink tokens plus a band of ``S`` tokens that *includes ``i``
+itself*. So a head's cache holds its ``sink`` first tokens plus a ring buffer of its last ``S`` tokens (those at
+positions ``>= sink``), ``min(sink + S, total)`` slots in all. When token ``i`` is written it evicts token
+``i - S``, and the query at ``i`` then sees exactly the tokens its mask keeps. This is the mask, token for token;
+a ring of ``S - sink`` tokens (one reading of DESIGN.md's wording) would drop keys the mask keeps. The slot
+count also matches the plan's KV density ``min(sink + S, N) / N``.
+
+Which ``S``. Spans are fixed when the cache is built, from the planned total length ``prompt + max_new_tokens``
+(``S = S(total)``), and the ``moa`` attention uses these same spans for the prefill that fills the cache. So
+``generate()`` with this cache gives the same tokens as recomputing the whole sequence at every step under the
+fixed mask with span ``S(total)``. (A forward without this cache evaluates spans at its own length instead.)
+
+Memory layout. Each layer owns one packed buffer for keys and one for values, ``[B, T, D]`` with
+``T = sum_h C_h``; KV head ``h`` owns slots ``offsets[h] .. offsets[h+1] - 1`` (``C_h = min(sink + S_h, total)``),
+so allocated memory is the plan's KV density times the dense cache, per head, with no padding. Slots
+``0 .. sink-1`` of a head hold its sink tokens; slot ``sink + (t - sink) mod S_h`` holds token ``t >= sink``. Since
+every sequence in the batch has the same length, a head's filled slots are always its first
+``min(seen, C_h)``. Decode reads per-head views (:func:`kernels.decode.packed_decode_attention`).
+
+A layer accepts one prefill (any length up to ``total``) and then one token per step; it raises otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+CACHE_KWARG = "moa_cache_layer"
+"""Key under which a layer's ``update`` puts itself into the attention kwargs (transformers passes that dict)."""
+
+
+class PerHeadLayer(CacheLayerMixin):
+    """One decoder layer's packed per-head cache.
+
+    query_spans: ``[Hq]`` spans the attention uses; kv_spans: ``[Hkv]`` ring sizes (each the largest span of its
+    query-head group); sink; total: the planned number of tokens (prompt + new tokens).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, query_spans, kv_spans, sink: int, total: int, *, batch_size: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.sink, self.total, self.batch_size = int(sink), int(total), int(batch_size)
+        self.query_spans = torch.as_tensor(query_spans, dtype=torch.int64).cpu()  # (Hq,) on the host, like offsets
+        self.ring = torch.as_tensor(kv_spans, dtype=torch.int64, device=self.device)  # (Hkv,)
+        if int(self.ring.min()) < 1:
+            raise ValueError("every KV head needs a span of at least 1")
+        hkv, hq = self.ring.numel(), self.query_spans.numel()
+        if hq % hkv:
+            raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+        self.group = hq // hkv
+        self.capacities = [min(self.sink + s, self.total) for s in self.ring.tolist()]
+        self.offsets = [0]
+        for c in self.capacities:
+            self.offsets.append(self.offsets[-1] + c)
+        self.starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=self.device)  # (Hkv,)
+        shape = (self.batch_size, self.offsets[-1], head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)  # (B, T, D)
+        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Query heads whose span is below their group's ring must mask some cached tokens at decode.
+        self.needs_keep = bool((self.query_spans.view(hkv, self.group) < self.ring.cpu().view(hkv, 1)).any())
+        self.seen = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers are allocated up front, so there is nothing to allocate: only check the states fit."""
+        self._check(key_states)
+
+    def _check(self, key_states: torch.Tensor) -> None:
+        b, hkv, _, d = key_states.shape
+        if (b, hkv, d) != (self.batch_size, self.ring.numel(), self.keys.shape[-1]) or key_states.dtype != self.keys.dtype:
+            raise ValueError(
+                f"per-head cache was built for batch {self.batch_size}, {self.ring.numel()} KV heads of size "
+                f"{self.keys.shape[-1]} in {self.keys.dtype}; got states {tuple(key_states.shape)} in {key_states.dtype}"
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, kwargs: dict | None = None, **_):
+        """Write new states (``[B, Hkv, n, D]``) into their slots; return what the attention reads.
+
+        Prefill (empty cache) returns the prompt's own states, so prefill attention sees every prompt key; a
+        decode step returns the packed buffers. ``kwargs`` (the attention kwargs, updated in place the way
+        transformers' paged cache does) receives this layer under :data:`CACHE_KWARG`.
+        """
+        self._check(key_states)
+        n = key_states.shape[-2]
+        if self.seen + n > self.total:
+            raise ValueError(f"per-head cache was planned for {self.total} tokens; {self.seen + n} do not fit")
+        if kwargs is not None:
+            kwargs[CACHE_KWARG] = self
+        if self.seen == 0:
+            positions = torch.arange(n, device=self.device).expand(self.ring.numel(), n)  # (Hkv, n)
+            keep = (positions < self.sink) | (positions >= n - self.ring.view(-1, 1))  # the last S_h, plus sinks
+            heads, tokens = keep.nonzero(as_tuple=True)
+            slots = self._slots(positions)[heads, tokens]
+            self.keys[:, slots] = key_states[:, heads, tokens]
+            self.values[:, slots] = value_states[:, heads, tokens]
+            self.seen = n
+            return key_states, value_states
+        if n != 1:
+            raise ValueError("per-head cache takes one prefill, then one token per step")
+        slots = self._slots(torch.full((self.ring.numel(), 1), self.seen, device=self.device)).view(-1)  # (Hkv,)
+        self.keys.index_copy_(1, slots, key_states[:, :, 0])
+        self.values.index_copy_(1, slots, value_states[:, :, 0])
+        self.seen += 1
+        return self.keys, self.values
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Packed slot index of each token position (``[Hkv, n]`` -> ``[Hkv, n]``)."""
+        ring = self.ring.view(-1, 1)
+        local = torch.where(positions < self.sink, positions, self.sink + (positions - self.sink) % ring)
+        return self.starts.view(-1, 1) + local
+
+    def valid_lengths(self) -> list[int]:
+        """Filled slots per KV head: its first ``min(seen, C_h)`` slots."""
+        return [min(self.seen, c) for c in self.capacities]
+
+    def slot_positions(self) -> torch.Tensor:
+        """Token position held by every packed slot, ``[T]`` int64; -1 for an empty slot."""
+        head = self._slot_heads()
+        local = torch.arange(self.offsets[-1], device=self.device) - self.starts[head]
+        ring = self.ring[head]
+        back = (self.seen - 1 - local) % ring  # ring slots: steps back from the newest token with that residue
+        pos = torch.where(local < self.sink, local, self.seen - 1 - back)
+        filled = (local < self.sink) & (local < self.seen) | (local >= self.sink) & (pos >= self.sink)
+        return torch.where(filled, pos, torch.full_like(pos, -1))
+
+    def decode_keep(self) -> torch.Tensor | None:
+        """``[Hq, T]`` bool: which packed slots each query head sees at the current decode step.
+
+        None when every query head's span equals its group's ring, as then each head sees all its filled slots.
+        """
+        if not self.needs_keep:
+            return None
+        pos = self.slot_positions()  # (T,)
+        head = self._slot_heads()
+        owner = torch.arange(self.query_spans.numel(), device=self.device) // self.group  # (Hq,)
+        query = self.seen - 1
+        band = (query - pos).view(1, -1) < self.query_spans.to(self.device).view(-1, 1)  # (Hq, T)
+        return (owner.view(-1, 1) == head.view(1, -1)) & (pos >= 0) & ((pos < self.sink) | band)
+
+    def _slot_heads(self) -> torch.Tensor:
+        """KV head owning each packed slot, ``[T]``."""
+        counts = torch.tensor(self.capacities, device=self.device)
+        return torch.repeat_interleave(torch.arange(len(self.capacities), device=self.device), counts)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (not slots filled), so positions and RoPE continue correctly."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.total
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+        self.seen = 0
+
+    @property
+    def nbytes_allocated(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def nbytes_used(self) -> int:
+        per_slot = 2 * self.batch_size * self.keys.shape[-1] * self.keys.element_size()
+        return per_slot * sum(self.valid_lengths())
+
+
+class PerHeadKVCache(Cache):
+    """A transformers :class:`Cache` of :class:`PerHeadLayer` s, for ``model.generate(cache=...)``.
+
+    query_spans / kv_spans: per layer, ``[Hq]`` and ``[Hkv]`` spans at the planned ``total`` length.
+    """
+
+    def __init__(self, query_spans, kv_spans, sink: int, total: int, *, batch_size: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        layers = [
+            PerHeadLayer(q, kv, sink, total, batch_size=batch_size, head_dim=head_dim, dtype=dtype, device=device)
+            for q, kv in zip(query_spans, kv_spans, strict=True)
+        ]
+        super().__init__(layers=layers)
+        self.total = int(total)
+
+    @property
+    def nbytes_allocated(self) -> int:
+        """Bytes of all key and value buffers."""
+        return sum(layer.nbytes_allocated for layer in self.layers)
+
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of the slots holding a token now, summed per head."""
+        return sum(layer.nbytes_used for layer in self.layers)

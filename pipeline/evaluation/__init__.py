@@ -1,0 +1,1 @@
+"""Scoring a model (dense or under a sparse plan) on held-out long-context samples."""

@@ -1,0 +1,87 @@
+"""stage=benchmark end to end at a tiny size: the CSV, one MLflow run per row, and config errors."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from kernels import bench
+from kernels.pattern import kept_pairs
+from kernels.reference import moa_attention_reference
+from pipeline.errors import UserError
+from pipeline.run import compose, main
+from pipeline.stages.benchmark import settings_from
+from tests.pipeline_helpers import run_stage
+
+QUICK = ("stage=benchmark", "benchmark.seq_lens=[200]", "benchmark.densities=[0.25,0.5]", "benchmark.repeats=2",
+         "benchmark.decode_repeats=3", "benchmark.error_rows=16", "benchmark.heads=4", "benchmark.kv_heads=2",
+         "benchmark.head_dim=16", "sparse.sink=4")
+
+
+def test_benchmark_stage_writes_csv_and_logs_every_row(tmp_path):
+    assert run_stage(tmp_path, *QUICK, "benchmark.backends=[dense,cpu]") == {"benchmark": "ran"}
+    rows = pd.read_csv(tmp_path / "bench" / "kernels.csv")
+    prefill = rows[rows.section == "prefill"]
+    assert sorted(prefill.backend) == ["cpu", "cpu", "dense"]
+    sparse = prefill[prefill.backend == "cpu"]
+    assert (sparse.max_abs_err < 1e-5).all()  # vs dense masked attention on sampled rows
+    for _, row in sparse.iterrows():
+        span = max(1, round(row.density * 200))
+        pairs = kept_pairs(200, span, 4)
+        assert row.ideal_speedup == pytest.approx(200 * 201 / 2 / pairs)
+        assert row.fraction_of_ideal == pytest.approx(row.speedup_vs_dense / row.ideal_speedup)
+        assert row.latency_ms_p20 <= row.latency_ms_p50 <= row.latency_ms_p80
+    decode = rows[rows.section == "decode"]
+    assert list(decode.backend) == ["decode-torch-dense", "decode-torch", "decode-torch"]
+    assert (decode.max_abs_err < 1e-5).all()
+    # KV bytes: sum over KV heads of min(sink + span, N) * head_dim * 2 (K and V) * 4 bytes
+    assert decode.kv_cache_mb.iloc[1] * 2**20 == 2 * (4 + 50) * 16 * 2 * 4
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="params.section = 'prefill'")
+    assert len(runs) == len(prefill)
+    for run in runs:
+        assert {"backend", "device", "dtype", "seq_len", "density", "batch", "heads", "head_dim"} <= run.data.params.keys()
+        assert {"latency_ms_p50", "latency_ms_p20", "latency_ms_p80", "speedup_vs_dense"} <= run.data.metrics.keys()
+        # the dense row has no error (NaN is not logged); the sparse rows do
+        assert ("max_abs_err" in run.data.metrics) == (run.data.params["backend"] != "dense")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("benchmark.backends=[dense,warp]", "benchmark.backends"),
+    ("benchmark.densities=[2.0]", "benchmark.densities"),
+    ("benchmark.dtype=int8", "benchmark.dtype"),
+    ("benchmark.kv_heads=3", "benchmark.heads"),
+])
+def test_benchmark_bad_values_name_the_key(override, key):
+    with pytest.raises(UserError, match=key):
+        settings_from(compose(["model=tiny", *QUICK, override]))
+
+
+def test_benchmark_bad_value_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["model=tiny", f"run_dir={tmp_path}", *QUICK, "benchmark.backends=[warp]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "benchmark.backends" in err[0]
+
+
+def test_timing_percentiles_are_ordered_and_rows_reference_is_exact():
+    stats = bench.time_ms(lambda: torch.ones(10).sum(), warmup=1, repeats=7, device=torch.device("cpu"))
+    assert stats["latency_ms_p20"] <= stats["latency_ms_p50"] <= stats["latency_ms_p80"]
+    q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
+    spans, rows = torch.tensor([3, 90, 20, 1]), torch.tensor([0, 5, 44, 89])
+    expected = moa_attention_reference(q, k, v, spans, 5)[:, :, rows]
+    torch.testing.assert_close(bench.masked_rows_reference(q, k, v, spans, 5, rows), expected)
+    assert bench.spans_for(100, 0.004, 2).tolist() == [1, 1]  # never a zero span
+
+
+@pytest.mark.slow
+def test_benchmark_stage_with_compiled_flex(tmp_path):
+    """FlexAttention compiles for ~1 minute on CPU: same mask, so its error must be small too."""
+    assert run_stage(tmp_path, *QUICK, "benchmark.backends=[dense,flex,cpu]") == {"benchmark": "ran"}
+    rows = pd.read_csv(tmp_path / "bench" / "kernels.csv")
+    flex = rows[rows.backend == "flex"]
+    assert len(flex) == 2 and (flex.max_abs_err < 1e-4).all()
+    assert rows[rows.backend == "cpu"].speedup_vs_flex.notna().all()

@@ -1,0 +1,227 @@
+"""The cpu prefill backend, the torch decode path and the kernel API, against the dense masked reference.
+
+Also holds the independent oracles the Triton tests share: a reference computed entirely in the low dtype (for
+the flash-attention bound ``max|out - ref32| <= 2 * max|ref_lowp - ref32|``) and a decode oracle built from the
+last row of a dense prefill.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels.cpu import chunk_plan, moa_attention_cpu
+from kernels.pattern import head_masks, kept_pairs
+from kernels.reference import moa_attention_reference
+
+
+def reference_lowp(q, k, v, spans, sink):
+    """The dense masked reference computed entirely in q's dtype (flash-attention's ``upcast=False``)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, N, D)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, Hq, N, N)
+    keep = head_masks(q.shape[2], spans, sink)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def assert_lowp_close(out, q, k, v, spans, sink, eps=1e-5):
+    """``max|out - ref32| <= 2 * max|ref_lowp - ref32| + eps`` (the flash-attention test idiom)."""
+    ref32 = moa_attention_reference(q.float(), k.float(), v.float(), spans, sink)
+    if q.dtype == torch.float32:
+        bound = eps
+    else:
+        bound = 2 * (reference_lowp(q, k, v, spans, sink).float() - ref32).abs().max().item() + eps
+    err = (out.float() - ref32).abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+def decode_case(b, hq, hkv, n, d, spans_kv, sink, capacity, dtype, seed):
+    """A cache holding, per KV head, exactly the keys the last query of an ``n``-token prefill keeps, in shuffled
+    slot order with garbage after them; and the expected output: the last row of the dense reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    spans_q = torch.tensor(spans_kv).repeat_interleave(hq // hkv)
+    expected = moa_attention_reference(q.float(), k.float(), v.float(), spans_q, sink)[:, :, -1:]  # (B, Hq, 1, D)
+    k_cache = torch.randn(b, hkv, capacity, d, generator=gen).to(dtype) * 50  # garbage beyond valid slots
+    v_cache = torch.randn(b, hkv, capacity, d, generator=gen).to(dtype) * 50
+    lengths = []
+    for h, span in enumerate(spans_kv):
+        j = torch.arange(n)
+        kept = j[(j < sink) | (n - 1 - j < span)]
+        kept = kept[torch.randperm(len(kept), generator=gen)]
+        k_cache[:, h, : len(kept)] = k[:, h, kept]
+        v_cache[:, h, : len(kept)] = v[:, h, kept]
+        lengths.append(len(kept))
+    return q[:, :, -1:], k_cache, v_cache, torch.tensor(lengths), expected
+
+
+@st.composite
+def prefill_cases(draw, lengths=(1, 63, 65, 232, 1000), dims=(16, 64, 128)):
+    """Random shapes and per-head spans: 0, 1, random, >= N, mixed within a KV group."""
+    hkv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3]))
+    n = draw(st.sampled_from(lengths))
+    span = st.one_of(st.sampled_from([0, 1, n, n + 7]), st.integers(1, max(1, n)))
+    spans = torch.tensor(draw(st.lists(span, min_size=hkv * group, max_size=hkv * group)))
+    return dict(b=draw(st.integers(1, 2)), hq=hkv * group, hkv=hkv, n=n, d=draw(st.sampled_from(dims)),
+                spans=spans, sink=draw(st.sampled_from([0, 4, 64])), seed=draw(st.integers(0, 2**16)))
+
+
+def make_qkv(case, dtype, requires_grad=False):
+    gen = torch.Generator().manual_seed(case["seed"])
+    shapes = [(case["b"], case["hq"], case["n"], case["d"])] + [(case["b"], case["hkv"], case["n"], case["d"])] * 2
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(requires_grad) for s in shapes]
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=prefill_cases(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       chunk=st.sampled_from([16, 64, 256]))
+def test_cpu_matches_reference(case, dtype, chunk):
+    q, k, v = make_qkv(case, dtype)
+    out = moa_attention_cpu(q, k, v, case["spans"], case["sink"], chunk=chunk)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_lowp_close(out, q, k, v, case["spans"], case["sink"])
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=prefill_cases(lengths=(1, 63, 65, 232), dims=(16,)), chunk=st.sampled_from([16, 64]))
+def test_cpu_gradients_match_reference(case, chunk):
+    """fp32 gradients of the cpu backend against float64 reference autograd, with the same bound idiom."""
+    q, k, v = make_qkv(case, torch.float32, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    def grads(fn, inputs, upstream):  # inputs a fully masked head never uses get zero gradients
+        return torch.autograd.grad(fn(*inputs, case["spans"], case["sink"]), inputs, upstream, allow_unused=True,
+                                   materialize_grads=True)
+
+    got = grads(lambda *a: moa_attention_cpu(*a, chunk=chunk), (q, k, v), grad_out)
+    ref32 = grads(moa_attention_reference, (q, k, v), grad_out)
+    ref64 = grads(moa_attention_reference, tuple(x.detach().double().requires_grad_() for x in (q, k, v)),
+                  grad_out.double())
+    for name, g, r32, r64 in zip("qkv", got, ref32, ref64, strict=True):
+        bound = 2 * (r32.double() - r64).abs().max().item() + 1e-5
+        err = (g.double() - r64).abs().max().item()
+        assert err <= bound, f"d{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("n,span,sink,chunk", [(1000, 250, 64, 64), (4096, 512, 64, 256), (232, 232, 4, 64),
+                                               (300, 1, 0, 16)])
+def test_cpu_plan_skips_masked_work(n, span, sink, chunk):
+    """The segments cover every kept pair once, and computed pairs exceed kept pairs by at most one chunk
+    squared per chunk (the two triangles at the band's edges)."""
+    plan = chunk_plan(n, span, sink, chunk, 1, torch.float32)
+    covered = torch.zeros(n, n, dtype=torch.int32)
+    computed = 0
+    for c in plan:
+        for s in c.segments:
+            keep = torch.ones(c.q1 - c.q0, s.stop - s.start, dtype=torch.bool) if s.mask is None else s.mask == 0
+            covered[c.q0:c.q1, s.start:s.stop] += keep.int()
+            computed += (c.q1 - c.q0) * (s.stop - s.start)
+    assert torch.equal(covered.bool(), head_masks(n, torch.tensor([span]), sink)[0])
+    assert covered.max() == 1
+    assert computed <= kept_pairs(n, span, sink) + len(plan) * chunk * chunk
+
+
+@pytest.mark.parametrize("n,spans,sink,chunk", [(1000, [250, 250], 64, 64), (2048, [512, 100], 4, 192),
+                                                (300, [1, 1], 0, 16), (500, [0, 600], 64, 32)])
+def test_cpu_forward_skips_masked_work(monkeypatch, n, spans, sink, chunk):
+    """Pairs the forward hands to the flash kernel, per query head: at most the kept pairs plus ``chunk - 1``
+    per row (the band window's two triangles) plus ``sink**2`` (sink keys of rows whose band still covers them)."""
+    import kernels.cpu as cpu
+
+    computed = []
+
+    def spy(query, key, value, dropout, causal, **kwargs):
+        rows, keys = query.shape[-2], key.shape[-2]
+        per_head = rows * (rows + 1) // 2 if causal else rows * keys
+        computed.append(query.shape[0] * query.shape[1] * per_head)  # (T or B) x heads x pairs
+        return flash(query, key, value, dropout, causal, **kwargs)
+
+    flash = cpu._flash_fwd
+    monkeypatch.setattr(cpu, "_flash_fwd", spy)
+    q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    spans = torch.tensor(spans)
+    out = moa_attention_cpu(q, k, v, spans, sink, chunk=chunk)
+    torch.testing.assert_close(out, moa_attention_reference(q, k, v, spans, sink), atol=1e-5, rtol=1e-5)
+    bound = sum(kept_pairs(n, min(int(s), n), sink) + n * (chunk - 1) + sink**2 for s in spans)
+    assert sum(computed) <= bound
+
+
+def test_cpu_folds_gqa_without_copying_kv(monkeypatch):
+    """All heads sharing one span: the flash kernel sees slices of the caller's K and V (no gather, no repeat)."""
+    import kernels.cpu as cpu
+
+    q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    seen = []
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append(key.untyped_storage().data_ptr() == k.untyped_storage().data_ptr())
+        return flash(query, key, value, *args, **kwargs)
+
+    flash = cpu._flash_fwd
+    monkeypatch.setattr(cpu, "_flash_fwd", spy)
+    spans = torch.full((4,), 9)
+    out = moa_attention_cpu(q, k, v, spans, 4, chunk=16)
+    assert seen and all(seen)
+    torch.testing.assert_close(out, moa_attention_reference(q, k, v, spans, 4), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_api_backends_agree(backend):
+    case = dict(b=1, hq=4, hkv=2, n=130, d=16, spans=torch.tensor([5, 64, 130, 0]), sink=4, seed=3)
+    q, k, v = make_qkv(case, torch.float32)
+    out = kernels.moa_attention(q, k, v, case["spans"], case["sink"], backend=backend, scale=0.2)
+    ref = moa_attention_reference(q, k, v, case["spans"], case["sink"], scale=0.2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(backend="cuda"), "unknown backend"),
+    (dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)), "multiple of kv heads"),
+    (dict(spans=torch.tensor([1.0, 2.0, 3.0, 4.0])), "int tensor"),
+    (dict(spans=torch.tensor([1, 2])), "shape"),
+    (dict(spans=torch.tensor([1, -1, 2, 3])), ">= 0"),
+    (dict(v=torch.randn(1, 2, 9, 16)), "differ in shape"),
+    (dict(q=torch.randn(1, 4, 8, 16, dtype=torch.float64)), "dtype"),
+])
+def test_api_rejects_bad_inputs(bad, match):
+    args = dict(q=torch.randn(1, 4, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16),
+                spans=torch.tensor([1, 2, 3, 4]), backend="auto")
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        kernels.moa_attention(args["q"], args["k"], args["v"], args["spans"], 4, backend=args["backend"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_matches_prefill_last_row(backend, dtype):
+    q, k_cache, v_cache, lengths, expected = decode_case(2, 6, 3, 300, 64, [1, 40, 300], 4, 320, dtype, seed=7)
+    out = kernels.moa_decode_attention(q, k_cache, v_cache, lengths, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_decode_empty_head_gives_zeros_and_bad_lengths_raise():
+    q, k_cache, v_cache = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    out = kernels.moa_decode_attention(q, k_cache, v_cache, torch.tensor([0, 8]), backend="torch")
+    assert torch.equal(out[:, 0], torch.zeros(1, 1, 16))
+    with pytest.raises(ValueError, match="valid_lengths"):
+        kernels.moa_decode_attention(q, k_cache, v_cache, torch.tensor([9, 1]))
+
+
+def test_flex_mask_matches_reference():
+    """The FlexAttention baseline's mask (run eagerly here; the benchmark compiles it) is the same pattern."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from kernels.flex import sink_band_block_mask
+
+    q, k, v = torch.randn(1, 3, 130, 16), torch.randn(1, 3, 130, 16), torch.randn(1, 3, 130, 16)
+    spans = (1, 40, 130)
+    out = flex_attention(q, k, v, block_mask=sink_band_block_mask(130, spans, 4, "cpu"))
+    torch.testing.assert_close(out, moa_attention_reference(q, k, v, torch.tensor(spans), 4), atol=1e-5, rtol=1e-5)

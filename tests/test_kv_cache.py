@@ -1,0 +1,123 @@
+"""Per-head packed KV cache: which tokens it holds, decode attention over it, and its memory, against brute force."""
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.decode import packed_decode_attention
+from kernels.kv_cache import PerHeadLayer
+from kernels.pattern import token_mask
+from kernels.reference import moa_attention_reference
+from pipeline.plan import Plan, kv_density
+from pipeline.sparse_runtime import apply_plan, make_cache
+
+
+def position_states(positions, hkv: int) -> torch.Tensor:
+    """Key states ``[1, Hkv, n, 1]`` whose value is the token position, so slots can be read back as positions."""
+    return torch.tensor(positions, dtype=torch.float32).view(1, 1, -1, 1).expand(1, hkv, -1, 1).contiguous()
+
+
+def cached_positions(layer: PerHeadLayer, head: int) -> list[int]:
+    lo = layer.offsets[head]
+    return sorted(int(x) for x in layer.keys[0, lo:lo + layer.valid_lengths()[head], 0])
+
+
+def kept_keys(i: int, span: int, sink: int) -> list[int]:
+    """Keys the token-level mask keeps for query ``i``: row ``i`` of the mask."""
+    return token_mask(i + 1, span, sink)[i].nonzero().flatten().tolist()
+
+
+@settings(max_examples=30, deadline=None)
+@given(sink=st.integers(0, 6), spans=st.lists(st.integers(1, 12), min_size=2, max_size=2),
+       prompt=st.integers(1, 20), steps=st.integers(0, 15), spare=st.integers(0, 5))
+def test_cache_holds_exactly_the_mask(sink, spans, prompt, steps, spare):
+    total = prompt + steps + spare
+    layer = PerHeadLayer([s for s in spans for _ in range(2)], spans, sink, total, batch_size=1, head_dim=1,
+                         dtype=torch.float32, device="cpu")
+    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    for i in range(prompt - 1, prompt + steps):
+        if i >= prompt:
+            layer.update(position_states([i], 2), position_states([i], 2))
+        assert layer.get_seq_length() == i + 1
+        positions = layer.slot_positions()
+        for h, span in enumerate(spans):
+            assert cached_positions(layer, h) == kept_keys(i, span, sink)
+            lo, hi = layer.offsets[h], layer.offsets[h + 1]
+            held = layer.keys[0, lo:hi, 0].long()
+            valid = layer.valid_lengths()[h]
+            assert positions[lo:lo + valid].tolist() == held[:valid].tolist()
+            assert (positions[lo + valid:hi] == -1).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(sink=st.integers(0, 5), query_spans=st.lists(st.integers(1, 10), min_size=4, max_size=4),
+       prompt=st.integers(1, 12), steps=st.integers(1, 12))
+def test_decode_keep_is_each_query_heads_mask(sink, query_spans, prompt, steps):
+    kv_spans = [max(query_spans[:2]), max(query_spans[2:])]
+    total = prompt + steps
+    layer = PerHeadLayer(query_spans, kv_spans, sink, total, batch_size=1, head_dim=1, dtype=torch.float32,
+                         device="cpu")
+    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    for i in range(prompt, total):
+        layer.update(position_states([i], 2), position_states([i], 2))
+        keep = layer.decode_keep()
+        if keep is None:
+            assert query_spans[:2] == [kv_spans[0]] * 2 and query_spans[2:] == [kv_spans[1]] * 2
+            continue
+        positions = layer.slot_positions()
+        for q, span in enumerate(query_spans):
+            assert sorted(positions[keep[q]].tolist()) == kept_keys(i, span, sink)
+
+
+@pytest.mark.parametrize("query_spans", [[3, 3, 7, 7], [5, 5, 5, 5], [2, 5, 7, 1]],
+                         ids=["per-kv-head", "equal-heads", "mixed-group"])
+@pytest.mark.parametrize("sink", [0, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_matches_reference(query_spans, sink, backend):
+    """Decoding token by token through the cache equals the rows of dense masked attention at a fixed span."""
+    torch.manual_seed(0)
+    b, hq, hkv, d, prompt, total = 2, 4, 2, 8, 6, 19
+    q = torch.randn(b, hq, total, d)
+    k, v = torch.randn(b, hkv, total, d), torch.randn(b, hkv, total, d)
+    spans = torch.tensor(query_spans)
+    ref = moa_attention_reference(q, k, v, spans, sink)  # (B, Hq, total, D)
+    kv_spans = spans.view(hkv, -1).amax(dim=1)
+    layer = PerHeadLayer(spans, kv_spans, sink, total, batch_size=b, head_dim=d, dtype=torch.float32, device="cpu")
+    layer.update(k[:, :, :prompt], v[:, :, :prompt])
+    for i in range(prompt, total):
+        layer.update(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        out = packed_decode_attention(q[:, :, i:i + 1], layer.keys, layer.values, layer.offsets,
+                                      layer.valid_lengths(), keep=layer.decode_keep(), backend=backend)
+        torch.testing.assert_close(out, ref[:, :, i:i + 1])
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "head"])
+def test_memory_is_plan_kv_density(granularity):
+    model = make_tiny_model("llama", layers=3, heads=4, kv_heads=4, head_dim=16)
+    plan = Plan.uniform(model, 0.0, sink=8, min_span=4, granularity=granularity)
+    heads = len(plan.alphas[0])
+    plan.alphas = [[4.0 + 9 * h + 5 * layer for h in range(heads)] for layer in range(3)]
+    plan.betas = [[0.3 * h for h in range(heads)] for _ in range(3)]
+    apply_plan(model, plan)
+    batch, prompt, new = 2, 60, 140
+    cache = make_cache(model, prompt, new, batch_size=batch)
+    dense = 3 * batch * 4 * (prompt + new) * 16 * 2 * 4  # layers, batch, KV heads, tokens, dim, K and V, fp32
+    expected = kv_density(plan, prompt + new) * dense
+    assert abs(cache.nbytes_allocated - expected) <= 0.02 * expected
+    model(torch.zeros(batch, prompt, dtype=torch.long), cache=cache)
+    used = sum(min(prompt, c) for layer in cache.layers for c in layer.capacities) * batch * 16 * 2 * 4
+    assert cache.nbytes_used == used < cache.nbytes_allocated
+    assert cache.get_seq_length() == prompt
+
+
+def test_refuses_what_it_cannot_hold():
+    layer = PerHeadLayer([4, 4], [4], 2, 8, batch_size=1, head_dim=1, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="planned for 8 tokens"):
+        layer.update(position_states(range(9), 1), position_states(range(9), 1))
+    layer.update(position_states(range(5), 1), position_states(range(5), 1))
+    with pytest.raises(ValueError, match="one token per step"):
+        layer.update(position_states([5, 6], 1), position_states([5, 6], 1))
+    with pytest.raises(ValueError, match="built for batch 1"):
+        layer.update(torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1))
