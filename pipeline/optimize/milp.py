@@ -1,0 +1,124 @@
+"""One 0/1 MILP solve in PuLP: one rule per head, linear budget rows, at most ``K`` distinct rules per layer.
+
+    min  sum c[l,h,r] x[l,h,r]
+    s.t. sum_r x[l,h,r] = 1                    every head takes exactly one rule
+         sum A[k,l,h,r] x[l,h,r] <= b[k]       density budgets, epsilon bounds on other objectives
+         x[l,h,r] <= y[l,r]                    rule r is open in layer l (disaggregated: the tight linking)
+         sum_r y[l,r] <= K                     at most K distinct rules per layer
+
+Only the ``allowed`` (l, h, r) get a variable (see :mod:`pipeline.optimize.lagrange` for how the set is
+reduced without losing the optimum); a layer with at most ``K`` allowed rules needs no ``y`` at all.
+HiGHS runs through ``pulp.HiGHS`` (with a warm start), CBC through ``pulp.PULP_CBC_CMD``.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pulp
+
+SOLVERS = ("highs", "cbc")
+
+
+@dataclass
+class MilpResult:
+    choice: np.ndarray | None
+    """``(L, H)`` rule index per head, or None when no feasible plan was found."""
+    status: str
+    """``optimal``, ``time_limit`` (an incumbent, not proven optimal), ``infeasible`` or ``no_solution``."""
+    objective: float | None
+    gap: float | None
+    """Relative MIP gap of the returned incumbent (0 when optimal)."""
+    seconds: float
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """``pulp.HiGHS`` that hands the variables' initial values to HiGHS as a start solution."""
+
+    def __init__(self, start: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.start = start
+
+    def callSolver(self, lp):
+        if self.start:
+            import highspy
+
+            solution = highspy.HighsSolution()
+            solution.col_value = [var.varValue or 0.0 for var in lp.variables()]
+            solution.value_valid = True
+            lp.solverModel.setSolution(solution)
+        super().callSolver(lp)
+
+
+def solve_milp(cost: np.ndarray, rows: np.ndarray, rhs: np.ndarray, max_rules: int, allowed: np.ndarray, *,
+               solver: str = "highs", time_limit: float | None = None, gap_rel: float = 1e-4,
+               start: np.ndarray | None = None) -> MilpResult:
+    """Solve the MILP above. ``cost`` ``(L, H, R)``, ``rows`` ``(k, L, H, R)``, ``rhs`` ``(k,)``, ``allowed``
+    ``(L, H, R)`` bool; ``start`` is an optional feasible ``(L, H)`` choice used as the incumbent to beat."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
+    layers, heads, _ = cost.shape
+    began = time.perf_counter()
+    prob = pulp.LpProblem("moa_plan", pulp.LpMinimize)
+    index = [tuple(i) for i in np.argwhere(allowed)]
+    x = {i: prob.add_variable(f"x_{i[0]}_{i[1]}_{i[2]}", cat=pulp.LpBinary) for i in index}
+    per_head: dict[tuple[int, int], list] = {}
+    for (layer, head, _), var in x.items():
+        per_head.setdefault((layer, head), []).append(var)
+    for (layer, head), head_vars in per_head.items():
+        prob += pulp.LpAffineExpression([(v, 1) for v in head_vars]) == 1, f"one_{layer}_{head}"
+    for layer in range(layers):
+        open_rules = np.flatnonzero(allowed[layer].any(0))
+        if len(open_rules) <= max_rules:
+            continue
+        y = {r: prob.add_variable(f"y_{layer}_{r}", cat=pulp.LpBinary) for r in open_rules}
+        prob += pulp.LpAffineExpression([(v, 1) for v in y.values()]) <= max_rules, f"cap_{layer}"
+        for h, r in np.argwhere(allowed[layer]):
+            prob += pulp.LpAffineExpression([(x[layer, h, r], 1), (y[r], -1)]) <= 0, f"link_{layer}_{h}_{r}"
+    for k, (row, bound) in enumerate(zip(rows, rhs, strict=True)):
+        prob += pulp.LpAffineExpression([(x[i], float(row[i])) for i in index]) <= float(bound), f"row_{k}"
+    prob.setObjective(pulp.LpAffineExpression([(x[i], float(cost[i])) for i in index]))
+    if start is not None:
+        for (layer, head, rule), var in x.items():
+            var.setInitialValue(1.0 if start[layer, head] == rule else 0.0)
+
+    log = Path(tempfile.mkstemp(prefix="cbc_", suffix=".log")[1])
+    try:
+        if solver == "highs":
+            backend = _WarmHiGHS(start is not None, msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=None)
+        else:
+            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap_rel,
+                                        warmStart=start is not None, logPath=str(log))
+        prob.solve(backend)
+        gap = _highs_gap(prob) if solver == "highs" else _cbc_gap(log)
+    finally:
+        log.unlink(missing_ok=True)
+    seconds = time.perf_counter() - began
+    if prob.status == pulp.LpStatusInfeasible:
+        return MilpResult(None, "infeasible", None, None, seconds)
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return MilpResult(None, "no_solution", None, None, seconds)
+    choice = np.zeros((layers, heads), dtype=np.int64)
+    for (layer, head, rule), var in x.items():
+        if (var.varValue or 0.0) > 0.5:
+            choice[layer, head] = rule
+    optimal = prob.sol_status == pulp.LpSolutionOptimal
+    objective = float(cost[np.arange(layers)[:, None], np.arange(heads)[None, :], choice].sum())
+    return MilpResult(choice, "optimal" if optimal else "time_limit", objective,
+                      0.0 if optimal else gap, seconds)
+
+
+def _highs_gap(prob) -> float | None:
+    info = prob.solverModel.getInfo()
+    return float(info.mip_gap) if np.isfinite(info.mip_gap) else None
+
+
+def _cbc_gap(log: Path) -> float | None:
+    """CBC prints ``Gap: <fraction>`` in its final summary when it stops early."""
+    match = re.search(r"^Gap:\s+(\S+)", log.read_text() if log.exists() else "", re.MULTILINE)
+    return float(match.group(1)) if match else None

@@ -1,0 +1,134 @@
+"""stage=optimize: the Pareto front of sparse-attention plans from ``rules/loss_table.parquet``.
+
+Writes ``plans/plan_<i>.json`` (format ``moa-plan/1``) for every Pareto point and ``optimize/front.json``
+(the solver settings and one summary per plan). Every plan is also a nested MLflow run with ``kv_density@N``,
+``attention_density@N`` and ``influence_loss@N``; the front itself is logged as a figure.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import UserError
+from pipeline.io import write_json
+from pipeline.optimize.figures import front_figure
+from pipeline.optimize.front import solve_front
+from pipeline.plan import Plan, describe_model, package_version, save_plan, validate_plan
+from pipeline.stages.registry import stage
+
+TABLE_COLUMNS = ("layer", "head", "rule", "alpha", "beta", "length", "loss", "kv_density", "attention_density")
+
+
+def load_loss_table(path) -> dict:
+    """``rules/loss_table.parquet`` as arrays: ``loss``, ``kv_density``, ``attention_density`` ``(L, H, R, T)``,
+    ``alphas``, ``betas`` ``(R,)`` and ``lengths`` ``(T,)``."""
+    if not path.is_file():
+        raise UserError(f"missing loss table {path}: run stage=rules first")
+    table = pd.read_parquet(path)
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: re-run stage=rules")
+    lengths = np.sort(table["length"].unique())
+    shape = (table["layer"].max() + 1, table["head"].max() + 1, table["rule"].max() + 1, len(lengths))
+    if len(table) != np.prod(shape):
+        raise UserError(f"{path} has {len(table)} rows, expected {int(np.prod(shape))} for shape {shape}: "
+                        f"re-run stage=rules")
+    t = np.searchsorted(lengths, table["length"].to_numpy())
+    index = (table["layer"].to_numpy(), table["head"].to_numpy(), table["rule"].to_numpy(), t)
+    arrays = {}
+    for column in ("loss", "kv_density", "attention_density"):
+        values = np.full(shape, np.nan)
+        values[index] = table[column].to_numpy()
+        arrays[column] = values
+    rules = table.drop_duplicates("rule").sort_values("rule")
+    return {**arrays, "alphas": rules["alpha"].to_numpy(), "betas": rules["beta"].to_numpy(),
+            "lengths": [int(n) for n in lengths]}
+
+
+def density_budgets(value, lengths) -> dict[int, float]:
+    """``optimize.density_budget`` (a number, or a map from length to number) as ``{N: budget}``."""
+    if isinstance(value, DictConfig | dict):
+        given = {int(k): v for k, v in (OmegaConf.to_container(value) if isinstance(value, DictConfig) else value).items()}
+        unknown = sorted(set(given) - set(lengths))
+        absent = [n for n in lengths if n not in given]
+        if unknown or absent:
+            raise UserError(f"optimize.density_budget: needs exactly the profile lengths {lengths}; "
+                            f"{'unknown ' + str(unknown) if unknown else 'missing ' + str(absent)}")
+    else:
+        given = {n: value for n in lengths}
+    for n, budget in given.items():
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise UserError(f"optimize.density_budget: bad value {budget!r} at length {n} (expected 0 < d <= 1)")
+    return {n: float(given[n]) for n in lengths}
+
+
+@stage("optimize", requires=("rules",), config_keys=("sparse", "rules", "optimize"),
+       outputs=("optimize/front.json", "plans/"))
+def run_optimize(ctx):
+    """Solve the plan MILP's Pareto front over profile lengths and write one plan file per point."""
+    opt = ctx.cfg.optimize
+    table = load_loss_table(ctx.run_dir / "rules" / "loss_table.parquet")
+    lengths = table["lengths"]
+    budgets = density_budgets(opt.density_budget, lengths)
+    ratio = None if opt.lower_bound_ratio is None else float(opt.lower_bound_ratio)
+    front = solve_front(
+        table["loss"], table["kv_density"], [budgets[n] for n in lengths], int(opt.max_rules_per_layer),
+        solver=str(opt.solver), points=int(opt.points), time_limit=opt.time_limit, lower_bound_ratio=ratio,
+        gap_rel=float(opt.gap_rel), lengths=lengths,
+    )
+    loaded = ctx.load_model()
+    info = describe_model(loaded)
+    plans_dir = ctx.run_dir / "plans"
+    plans_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plans_dir.glob("plan_*.json"):
+        stale.unlink()
+    summaries = []
+    for i, candidate in enumerate(front):
+        plan = _plan(ctx, candidate, table, budgets, info)
+        path = plans_dir / f"plan_{i}.json"
+        save_plan(validate_plan(plan, loaded), path)
+        metrics = {f"{key}@{n}": plan.expected[n][key] for n in lengths
+                   for key in ("kv_density", "attention_density", "influence_loss")}
+        with mlflow.start_run(run_name=f"plan_{i}", nested=True):
+            mlflow.set_tags({"kind": "plan_candidate", "plan_index": str(i)})
+            ctx.log_params({"solver": candidate.solver, "status": candidate.status, "gap": candidate.gap,
+                            "primary_length": lengths[candidate.primary], "plan": str(path)})
+            ctx.log_metrics(metrics)
+            ctx.log_artifact(path)
+        summaries.append({"plan": str(path.relative_to(ctx.run_dir)), "status": candidate.status,
+                          "flagged": candidate.flagged, "gap": candidate.gap, "seconds": candidate.seconds,
+                          "primary_length": lengths[candidate.primary],
+                          "epsilon": {n: e for n, e in zip(lengths, candidate.epsilon, strict=True) if e is not None},
+                          **metrics})
+    write_json(ctx.stage_dir / "front.json", {
+        "density_budget": budgets, "lower_bound_ratio": ratio, "max_rules_per_layer": int(opt.max_rules_per_layer),
+        "solver": str(opt.solver), "points": int(opt.points), "plans": summaries,
+    })
+    ctx.log_figure(front_figure(front, lengths, [budgets[n] for n in lengths]), "pareto_front.png")
+    summary = {"plans": len(front), "flagged": sum(c.flagged for c in front),
+               "solve_seconds": float(sum(c.seconds for c in front))}
+    ctx.log_metrics(summary)
+    return summary
+
+
+def _plan(ctx, candidate, table, budgets, info) -> Plan:
+    layers, heads = candidate.choice.shape
+    li, hi = np.arange(layers)[:, None], np.arange(heads)[None, :]
+    attention = table["attention_density"][li, hi, candidate.choice].mean((0, 1))  # (T,)
+    lengths = table["lengths"]
+    primary = lengths[candidate.primary]
+    return Plan(
+        granularity=str(ctx.cfg.sparse.granularity), sink=int(ctx.cfg.sparse.sink),
+        min_span=int(ctx.cfg.sparse.min_span), block_size=int(ctx.cfg.sparse.block_size),
+        alphas=table["alphas"][candidate.choice].tolist(), betas=table["betas"][candidate.choice].tolist(),
+        model=info, profile_lengths=lengths, density_budget=budgets,
+        expected={n: {"kv_density": float(candidate.densities[t]), "attention_density": float(attention[t]),
+                      "influence_loss": float(candidate.objectives[t])} for t, n in enumerate(lengths)},
+        solver={"name": candidate.solver, "status": candidate.status,
+                "objective": float(candidate.objectives[candidate.primary]), "seconds": candidate.seconds,
+                "gap": candidate.gap, "minimised_length": primary},
+        created_with={"config_hash": ctx.config_hash, "version": package_version()},
+    )

@@ -1,0 +1,132 @@
+"""solve_front against independent oracles: brute force on tiny instances, scipy.optimize.milp on medium ones."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from pipeline.errors import UserError
+from pipeline.optimize.front import AUGMENT, solve_front
+from pipeline.optimize.lagrange import LayerDual
+
+
+def instance(layers, heads, rules, lengths, seed):
+    """Loss falling and density rising with a per-rule span, as in a real loss table."""
+    rng = np.random.default_rng(seed)
+    density = np.sort(rng.uniform(0.05, 1.0, (rules, lengths)), axis=0)  # (R, T)
+    kv = np.broadcast_to(density, (layers, heads, rules, lengths)).copy()
+    reach = rng.uniform(0.05, 0.8, (layers, heads, 1, lengths))
+    loss = np.exp(-kv / reach) * rng.uniform(0.5, 2.0, (layers, heads, 1, 1))
+    return loss, kv
+
+
+def augmented_cost(loss, primary):
+    """The documented objective: loss at ``primary`` plus AUGMENT x the others, each scaled by its range."""
+    ranges = (loss.max(2) - loss.min(2)).sum((0, 1))
+    weights = AUGMENT * ranges[primary] / ranges
+    weights[primary] = 1.0
+    return loss @ weights  # (L, H, R)
+
+
+def brute_force_plans(loss, kv, budgets, max_rules):
+    """Every plan with at most ``max_rules`` rules per layer that meets the budgets: choices, objectives."""
+    layers, heads, rules, _ = loss.shape
+    li, hi = np.arange(layers)[:, None], np.arange(heads)[None, :]
+    plans = []
+    for flat in itertools.product(range(rules), repeat=layers * heads):
+        choice = np.array(flat).reshape(layers, heads)
+        if any(len(set(row)) > max_rules for row in choice):
+            continue
+        if np.all(kv[li, hi, choice].mean((0, 1)) <= budgets + 1e-12):
+            plans.append((choice, loss[li, hi, choice].sum((0, 1))))
+    return plans
+
+
+@pytest.mark.parametrize(("solver", "reduce", "max_rules", "seed"),
+                         [("highs", True, 1, 0), ("highs", False, 2, 1), ("cbc", True, 2, 2), ("highs", True, 3, 3)])
+def test_front_points_are_optimal_and_undominated_by_brute_force(solver, reduce, max_rules, seed):
+    loss, kv = instance(2, 2, 3, 2, seed)
+    budgets = np.quantile(kv.mean((0, 1)), 0.6, axis=0)
+    front = solve_front(loss, kv, budgets, max_rules, solver=solver, points=8, reduce=reduce, gap_rel=0.0)
+    plans = brute_force_plans(loss, kv, budgets, max_rules)
+    assert front
+    li, hi = np.arange(2)[:, None], np.arange(2)[None, :]
+    for c in front:
+        assert c.status == "optimal"
+        np.testing.assert_allclose(c.objectives, loss[li, hi, c.choice].sum((0, 1)))
+        assert np.all(c.densities <= budgets + 1e-12)
+        assert all(len(set(row)) <= max_rules for row in c.choice)
+        for _, obj in plans:  # no feasible plan dominates a returned point
+            assert not (np.all(obj <= c.objectives + 1e-12) and np.any(obj < c.objectives - 1e-9))
+        cost = augmented_cost(loss, c.primary)
+        eligible = [ch for ch, obj in plans
+                    if all(e is None or obj[t] <= e + 1e-12 for t, e in enumerate(c.epsilon))]
+        best = min(cost[li, hi, ch].sum() for ch in eligible)
+        assert cost[li, hi, c.choice].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def scipy_optimum(cost, loss, kv, budgets, eps, max_rules):
+    """The same 0/1 model written independently for scipy.optimize.milp (x then y variables)."""
+    layers, heads, rules, lengths = loss.shape
+    nx, ny = layers * heads * rules, layers * rules
+    xi = np.arange(nx).reshape(layers, heads, rules)
+    yi = nx + np.arange(ny).reshape(layers, rules)
+    rows, lo, up = [], [], []
+
+    def add(coeffs: dict, low, high):
+        rows.append(coeffs)
+        lo.append(low)
+        up.append(high)
+
+    for l_, h in itertools.product(range(layers), range(heads)):
+        add({int(xi[l_, h, r]): 1.0 for r in range(rules)}, 1, 1)
+        for r in range(rules):
+            add({int(xi[l_, h, r]): 1.0, int(yi[l_, r]): -1.0}, -np.inf, 0)
+    for l_ in range(layers):
+        add({int(yi[l_, r]): 1.0 for r in range(rules)}, -np.inf, max_rules)
+    for t in range(lengths):
+        add(dict(zip(xi.ravel().tolist(), (kv[..., t] / (layers * heads)).ravel(), strict=True)), -np.inf, budgets[t])
+        if eps[t] is not None:
+            add(dict(zip(xi.ravel().tolist(), loss[..., t].ravel(), strict=True)), -np.inf, eps[t])
+    matrix = lil_matrix((len(rows), nx + ny))
+    for i, coeffs in enumerate(rows):
+        for j, v in coeffs.items():
+            matrix[i, j] = v
+    c = np.concatenate([cost.ravel(), np.zeros(ny)])
+    res = milp(c, constraints=LinearConstraint(matrix.tocsr(), lo, up), integrality=np.ones(nx + ny),
+               bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9})
+    assert res.status == 0
+    return res.fun
+
+
+@pytest.mark.parametrize(("solver", "seed"), [("highs", 0), ("cbc", 1)])
+def test_front_points_match_scipy_milp_on_medium_instances(solver, seed):
+    loss, kv = instance(4, 4, 6, 3, seed)
+    budgets = np.array([0.45, 0.5, 0.55])
+    front = solve_front(loss, kv, budgets, 2, solver=solver, points=6, gap_rel=1e-9)
+    li, hi = np.arange(4)[:, None], np.arange(4)[None, :]
+    assert len(front) >= 2
+    for c in front:
+        cost = augmented_cost(loss, c.primary)
+        want = scipy_optimum(cost, loss, kv, budgets, c.epsilon, 2)
+        assert cost[li, hi, c.choice].sum() == pytest.approx(want, rel=1e-7)
+
+
+def test_lagrangian_bound_never_exceeds_the_optimum():
+    loss, kv = instance(4, 4, 6, 2, 5)
+    budgets = np.array([0.4, 0.5])
+    cost = augmented_cost(loss, 1)
+    rows = np.stack([kv[..., t] / 16 for t in range(2)])
+    dual = LayerDual(cost, rows, budgets, 2).maximise()
+    assert dual.value <= scipy_optimum(cost, loss, kv, budgets, [None, None], 2) + 1e-9
+
+
+def test_infeasible_budget_names_the_length_and_smallest_density():
+    loss, kv = instance(2, 2, 3, 2, 0)
+    smallest = kv.min(2).mean((0, 1))
+    with pytest.raises(UserError, match=rf"length 2048 .* {smallest[1]:.4f}"):
+        solve_front(loss, kv, [0.9, smallest[1] / 2], lengths=[1024, 2048])
