@@ -92,13 +92,14 @@ def run_optimize(ctx):
         save_plan(validate_plan(plan, loaded), path)
         metrics = {f"{key}@{n}": plan.expected[n][key] for n in lengths
                    for key in ("kv_density", "attention_density", "influence_loss")}
-        with mlflow.start_run(run_name=f"plan_{i}", nested=True):
+        with mlflow.start_run(run_name=f"plan_{i}", nested=True) as candidate_run:
             mlflow.set_tags({"kind": "plan_candidate", "plan_index": str(i)})
             ctx.log_params({"solver": candidate.solver, "status": candidate.status, "gap": candidate.gap,
                             "primary_length": lengths[candidate.primary], "plan": str(path)})
             ctx.log_metrics(metrics)
             ctx.log_artifact(path)
-        summaries.append({"plan": str(path.relative_to(ctx.run_dir)), "status": candidate.status,
+        summaries.append({"plan": str(path.relative_to(ctx.run_dir)), "mlflow_run_id": candidate_run.info.run_id,
+                          "status": candidate.status,
                           "flagged": candidate.flagged, "gap": candidate.gap, "seconds": candidate.seconds,
                           "primary_length": lengths[candidate.primary],
                           "epsilon": {n: e for n, e in zip(lengths, candidate.epsilon, strict=True) if e is not None},
