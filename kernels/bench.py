@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.decode import packed_decode_attention
 from kernels.flex import moa_attention_flex
+from kernels.kv_cache import PerHeadLayer
 from kernels.pattern import kept_pairs
 
 PREFILL_BACKENDS = ("dense", "flex", "cpu", "triton")
@@ -143,48 +145,62 @@ def _prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, causal,
         "max_abs_err": err,
         "gflops": _flops(pairs, s) / lat["latency_ms_p50"] / 1e6,
         "kv_cache_mb": float("nan"),
+        "kv_bytes_vs_density": float("nan"),
     }
 
 
 def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """One decode step per (length, density, backend) against a per-KV-head cache holding each head's
-    ``min(sink + span, N)`` tokens, and the dense step (every head holds ``N``) as baseline."""
+    """One decode step per (length, density, backend) through the real per-head cache
+    (:class:`kernels.kv_cache.PerHeadLayer`, one layer), against the same cache holding every token (dense).
+
+    The cache is filled by a prefill of ``N`` random tokens; every timed step writes one more token and runs
+    :func:`kernels.decode.packed_decode_attention`. KV bytes are the cache's allocated buffers, compared with the
+    plan's KV density times the dense bytes."""
     gen = torch.Generator().manual_seed(s.seed + 1)
     itemsize = torch.empty((), dtype=s.dtype).element_size()
+    group = s.heads // s.kv_heads
     rows = []
     grid = [(n, f, b) for n in s.decode_seq_lens for f in (1.0, *s.densities) for b in s.decode_backends]
     dense_ms = {}
     for n, fraction, backend in progress(grid):
-        kept = [min(s.sink + int(span), n) for span in spans_for(n, fraction, s.kv_heads)]  # 1.0: all N tokens
+        total = n + s.warmup + s.decode_repeats + 2  # room for every timed step
+        kv_spans = spans_for(n, fraction, s.kv_heads) if fraction < 1.0 else torch.full((s.kv_heads,), total)
+        layer = PerHeadLayer(kv_spans.repeat_interleave(group), kv_spans, s.sink, total, batch_size=s.batch,
+                             head_dim=s.head_dim, dtype=s.dtype, device=s.device)
+        prompt = torch.randn(2, s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
+        layer.update(prompt[0], prompt[1])  # prefill: (B, Hkv, N, D) into each head's sink + ring
         q = torch.randn(s.batch, s.heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
-        k_cache, v_cache = (torch.randn(s.batch, s.kv_heads, max(kept), s.head_dim, generator=gen)
-                            .to(s.device, s.dtype) for _ in range(2))
-        lengths = torch.tensor(kept, device=s.device)
+        token = torch.randn(2, s.batch, s.kv_heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
 
-        def step(backend=backend, q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
-            return kernels.moa_decode_attention(q, k_cache, v_cache, lengths, backend=backend)
+        def step(backend=backend, layer=layer, q=q, token=token):
+            keys, values = layer.update(token[0], token[1])  # (B, T, D) packed
+            return packed_decode_attention(q, keys, values, layer.offsets, layer.valid_lengths(),
+                                           keep=layer.decode_keep(), backend=backend)
 
-        expected = kernels.moa_decode_attention(q.float(), k_cache.float(), v_cache.float(), lengths,
-                                                backend="reference")
-        err = (step().float() - expected).abs().max().item()
+        out = step()
+        expected = packed_decode_attention(q.float(), layer.keys.float(), layer.values.float(), layer.offsets,
+                                           layer.valid_lengths(), keep=layer.decode_keep(), backend="reference")
+        err = (out.float() - expected).abs().max().item()
         lat = time_ms(step, s.warmup, s.decode_repeats, s.device)
         if fraction == 1.0:
             dense_ms[(n, backend)] = lat["latency_ms_p50"]
-        kv_bytes = sum(kept) * s.head_dim * 2 * itemsize * s.batch
+        kept = sum(layer.capacities)
+        dense_bytes = s.batch * s.kv_heads * total * s.head_dim * 2 * itemsize
         rows.append({
             "section": "decode", "backend": f"decode-{backend}" if fraction < 1.0 else f"decode-{backend}-dense",
             "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""), "seq_len": n,
-            "density": fraction, "span": int(spans_for(n, fraction, 1)[0]), "sink": s.sink, "batch": s.batch,
+            "density": fraction, "span": int(kv_spans[0]), "sink": s.sink, "batch": s.batch,
             "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
-            "attention_density": sum(kept) / (n * s.kv_heads),  # one query row: kept keys / all keys
+            "attention_density": kept / (total * s.kv_heads),  # one query row: kept keys / all keys
             **lat,
             "speedup_vs_dense": dense_ms[(n, backend)] / lat["latency_ms_p50"],
             "speedup_vs_flex": float("nan"),
-            "ideal_speedup": n * s.kv_heads / sum(kept),
-            "fraction_of_ideal": dense_ms[(n, backend)] / lat["latency_ms_p50"] / (n * s.kv_heads / sum(kept)),
+            "ideal_speedup": total * s.kv_heads / kept,
+            "fraction_of_ideal": dense_ms[(n, backend)] / lat["latency_ms_p50"] / (total * s.kv_heads / kept),
             "max_abs_err": err,
-            "gflops": 4.0 * sum(kept) * (s.heads // s.kv_heads) * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
-            "kv_cache_mb": kv_bytes / 2**20,
+            "gflops": 4.0 * kept * group * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
+            "kv_cache_mb": layer.nbytes_allocated / 2**20,
+            "kv_bytes_vs_density": layer.nbytes_allocated / (dense_bytes * kept / (total * s.kv_heads)),
         })
     return rows
 

@@ -38,6 +38,8 @@ def test_benchmark_stage_writes_csv_and_logs_every_row(tmp_path):
     assert (decode.max_abs_err < 1e-5).all()
     # KV bytes: sum over KV heads of min(sink + span, N) * head_dim * 2 (K and V) * 4 bytes
     assert decode.kv_cache_mb.iloc[1] * 2**20 == 2 * (4 + 50) * 16 * 2 * 4
+    # the real per-head cache allocates the plan's KV density times the dense bytes (target: within 2%)
+    assert ((decode.kv_bytes_vs_density - 1).abs() < 0.02).all()
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]

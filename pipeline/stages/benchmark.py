@@ -16,7 +16,7 @@ GPU_SEQ_LENS = (1024, 4096, 16384, 65536, 131072)
 PARAMS = ("backend", "device", "dtype", "seq_len", "density", "batch", "heads", "head_dim", "kv_heads", "sink",
           "section")
 METRICS = ("latency_ms_p50", "latency_ms_p20", "latency_ms_p80", "speedup_vs_dense", "speedup_vs_flex",
-           "ideal_speedup", "fraction_of_ideal", "max_abs_err", "gflops", "attention_density", "kv_cache_mb")
+           "ideal_speedup", "fraction_of_ideal", "max_abs_err", "gflops", "attention_density", "kv_cache_mb", "kv_bytes_vs_density")
 
 
 def settings_from(cfg) -> bench.BenchSettings:
