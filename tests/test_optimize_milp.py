@@ -116,6 +116,45 @@ def test_front_points_match_scipy_milp_on_medium_instances(solver, seed):
         assert cost[li, hi, c.choice].sum() == pytest.approx(want, rel=1e-7)
 
 
+@pytest.mark.parametrize(("solver", "seed"), [("highs", 2), ("cbc", 3)])
+def test_front_points_are_within_their_proven_gap_of_scipy_milp(solver, seed):
+    """At a loose gap every point must still be within ``gap_rel`` of the optimum, and its reported gap must
+    bound its true distance from it."""
+    loss, kv = instance(4, 4, 6, 3, seed)
+    gap_rel = 1e-3
+    front = solve_front(loss, kv, np.array([0.45, 0.5, 0.55]), 2, solver=solver, points=6, gap_rel=gap_rel)
+    li, hi = np.arange(4)[:, None], np.arange(4)[None, :]
+    assert front
+    for c in front:
+        cost = augmented_cost(loss, c.primary)
+        got = cost[li, hi, c.choice].sum()
+        want = scipy_optimum(cost, loss, kv, np.array([0.45, 0.5, 0.55]), c.epsilon, 2)
+        assert c.status == "optimal" and c.gap is not None
+        assert got <= want * (1 + gap_rel) + 1e-12
+        assert (got - want) / got <= c.gap + 1e-9
+
+
+def test_heuristic_candidates_are_the_cheapest_distinct_rule_pairs():
+    """``allowed(keep=k)`` opens the rules of each layer's ``k`` cheapest unordered pairs, found by brute force."""
+    loss, kv = instance(3, 4, 5, 2, 7)
+    cost = augmented_cost(loss, 0)
+    dual = LayerDual(cost, np.stack([kv[..., t] / 12 for t in range(2)]), np.array([0.5, 0.5]), 2)
+    bound = dual.maximise()
+    c = cost + np.einsum("k,klhr->lhr", bound.mu, dual.rows)  # (L, H, R) at the best multipliers
+    for keep in (1, 2, 3):
+        opened = dual.allowed(bound, np.inf, keep=keep)
+        for layer in range(3):
+            pair_cost = {pq: np.minimum(c[layer, :, pq[0]], c[layer, :, pq[1]]).sum()
+                         for pq in itertools.combinations_with_replacement(range(5), 2)}
+            kth = sorted(pair_cost.values())[keep - 1]
+            tol = 1e-9 * (1 + abs(kth))
+            cheaper = [pq for pq, v in pair_cost.items() if v < kth - tol]
+            tied = [pq for pq, v in pair_cost.items() if abs(v - kth) <= tol]
+            choices = {frozenset(itertools.chain(*cheaper, *extra))  # any way of breaking the ties
+                       for extra in itertools.combinations(tied, keep - len(cheaper))}
+            assert frozenset(np.flatnonzero(opened[layer].any(0)).tolist()) in choices
+
+
 def test_lagrangian_bound_never_exceeds_the_optimum():
     loss, kv = instance(4, 4, 6, 2, 5)
     budgets = np.array([0.4, 0.5])

@@ -70,15 +70,18 @@ class LayerDual:
         subgradient = taken.sum((1, 2, 3)) - self.rhs
         return value - float(mu @ self.rhs), subgradient, costs
 
-    def maximise(self, upper_bound: float | None = None, iterations: int = 60, tol: float = 1e-7) -> DualResult:
-        """Trust-region Kelley: cut model of ``D`` maximised within a box around the best point so far."""
+    def maximise(self, upper_bound: float | None = None, gap_rel: float = 0.0, iterations: int = 60,
+                 tol: float = 1e-7) -> DualResult:
+        """Trust-region Kelley: cut model of ``D`` maximised within a box around the best point so far. Stops
+        early once the bound is within ``gap_rel`` (relative) of ``upper_bound``."""
         dim = len(self.rhs)
         center = np.zeros(dim)
         value, grad, costs = self.evaluate(center)
         cuts = [(value, grad, center)]
         radius = 1.0
         for _ in range(iterations if dim else 0):
-            if value > self.worst or (upper_bound is not None and value >= upper_bound - tol * (1 + abs(upper_bound))):
+            if value > self.worst or (upper_bound is not None and upper_bound - value <= max(
+                    tol * (1 + abs(upper_bound)), gap_rel * abs(upper_bound))):
                 break
             lows = np.maximum(center - radius, 0.0)
             highs = center + radius
@@ -121,9 +124,10 @@ class LayerDual:
         excess = flat - flat.min(-1, keepdims=True)  # (L, R*R)
         if keep is None:
             surviving = excess <= slack
-        else:
+        else:  # costs are symmetric in the pair: rank each unordered pair once
+            once = np.where(np.triu(np.ones((rules, rules), dtype=bool)).ravel(), excess, np.inf)
             surviving = np.zeros_like(excess, dtype=bool)
-            np.put_along_axis(surviving, np.argsort(excess, axis=-1)[:, :keep], True, axis=-1)
+            np.put_along_axis(surviving, np.argsort(once, axis=-1)[:, :keep], True, axis=-1)
         pairs = surviving.reshape(layers, rules, rules)
         open_rules = pairs.any(2) | pairs.any(1)  # (L, R)
         return np.broadcast_to(open_rules[:, None, :], self.cost.shape).copy()
