@@ -52,18 +52,37 @@ class BenchSettings:
 
 def time_ms(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
     """Median, 20th and 80th percentile wall time of ``fn`` in milliseconds, after ``warmup`` calls."""
+    return percentiles(interleaved_ms({"fn": fn}, warmup, repeats, device)["fn"])
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                   device: torch.device) -> dict[str, list[float]]:
+    """Wall times in milliseconds of ``repeats`` rounds, each calling every function once in order (round-robin,
+    so load on a shared machine hits all of them alike), after ``warmup`` untimed rounds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentiles(times: list[float]) -> dict[str, float]:
+    """The latency columns: median, 20th and 80th percentile of ``times``."""
     cuts = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return {"latency_ms_p50": statistics.median(times), "latency_ms_p20": cuts[1], "latency_ms_p80": cuts[7]}
+
+
+def median_ratio(baseline: list[float], times: list[float]) -> float:
+    """Speed-up from side-by-side rounds: the median over rounds of ``baseline[r] / times[r]``."""
+    return statistics.median(b / t for b, t in zip(baseline, times, strict=True))
 
 
 def spans_for(n: int, fraction: float, heads: int) -> torch.Tensor:
@@ -98,40 +117,51 @@ def _flops(pairs: int, s: BenchSettings) -> float:
 
 
 def prefill_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """Benchmark rows of the prefill sweep: one dense row per length, then one row per (density, backend)."""
+    """Benchmark rows of the prefill sweep: one dense row per length, then one row per (density, backend).
+
+    At each (length, density) dense SDPA and the sparse backends are timed round-robin, and every speed-up is the
+    median of per-round ratios, so load drifting between rounds hits numerator and denominator alike. The dense
+    row pools its times over the densities of its length."""
     gen = torch.Generator().manual_seed(s.seed)
-    grid = [(n, f) for n in s.seq_lens for f in (None, *s.densities)]
-    rows = []
-    for n, fraction in progress(grid):
-        if fraction is None:  # new length: fresh inputs and the dense baseline
+    dense_times = {n: [] for n in s.seq_lens}
+    sparse_rows = {n: [] for n in s.seq_lens}
+    n_inputs = None
+    for n, fraction in progress([(n, f) for n in s.seq_lens for f in s.densities]):
+        if n != n_inputs:  # new length: fresh inputs
             q = torch.randn(s.batch, s.heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
             k, v = (torch.randn(s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
                     for _ in range(2))
             err_rows = torch.linspace(0, n - 1, min(n, s.error_rows)).round().long().unique()
-            dense = time_ms(_prefill_fn("dense", q, k, v, None, 0), s.warmup, s.repeats, s.device)
-            causal = n * (n + 1) // 2
-            rows.append(_prefill_row(s, "dense", n, 1.0, n, dense, dense, None, causal, causal, float("nan")))
-            continue
+            n_inputs = n
         spans = spans_for(n, fraction, s.heads)
         span = int(spans[0])
         pairs = kept_pairs(n, span, s.sink)
         expected = masked_rows_reference(q, k, v, spans, s.sink, err_rows)
-        timed = {}
+        fns = {"dense": _prefill_fn("dense", q, k, v, None, 0)}
+        errors = {}
         for backend in s.backends:
-            if backend == "dense":
-                continue
-            fn = _prefill_fn(backend, q, k, v, spans, s.sink)
-            err = (fn()[:, :, err_rows].float() - expected).abs().max().item()
-            timed[backend] = (time_ms(fn, s.warmup, s.repeats, s.device), err)
-        flex = timed.get("flex", (None,))[0]
-        for backend, (lat, err) in timed.items():
-            rows.append(_prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, n * (n + 1) // 2, err))
+            if backend != "dense":
+                fns[backend] = _prefill_fn(backend, q, k, v, spans, s.sink)
+                errors[backend] = (fns[backend]()[:, :, err_rows].float() - expected).abs().max().item()
+        times = interleaved_ms(fns, s.warmup, s.repeats, s.device)
+        dense_times[n] += times["dense"]
+        for backend, err in errors.items():
+            vs_flex = median_ratio(times["flex"], times[backend]) if "flex" in times else float("nan")
+            sparse_rows[n].append(_prefill_row(s, backend, n, fraction, span, times[backend],
+                                               median_ratio(times["dense"], times[backend]), vs_flex, pairs, err))
+    rows = []
+    for n in s.seq_lens:
+        rows.append(_prefill_row(s, "dense", n, 1.0, n, dense_times[n], 1.0, float("nan"), n * (n + 1) // 2,
+                                 float("nan")))
+        rows += sparse_rows[n]
     return rows
 
 
-def _prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, causal, err) -> dict:
+def _prefill_row(s, backend, n, fraction, span, times, speedup, vs_flex, pairs, err) -> dict:
+    """One prefill row from a backend's round times and its speed-ups (medians of per-round ratios)."""
+    causal = n * (n + 1) // 2
     ideal = causal / pairs
-    speedup = dense["latency_ms_p50"] / lat["latency_ms_p50"]
+    lat = percentiles(times)
     return {
         "section": "prefill", "backend": backend, "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""),
         "seq_len": n, "density": fraction, "span": span, "sink": s.sink, "batch": s.batch, "heads": s.heads,
@@ -139,7 +169,7 @@ def _prefill_row(s, backend, n, fraction, span, lat, dense, flex, pairs, causal,
         "attention_density": pairs / causal if backend != "dense" else 1.0,
         **lat,
         "speedup_vs_dense": speedup,
-        "speedup_vs_flex": flex["latency_ms_p50"] / lat["latency_ms_p50"] if flex else float("nan"),
+        "speedup_vs_flex": vs_flex,
         "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal,
         "max_abs_err": err,

@@ -87,3 +87,30 @@ def test_benchmark_stage_with_compiled_flex(tmp_path):
     flex = rows[rows.backend == "flex"]
     assert len(flex) == 2 and (flex.max_abs_err < 1e-4).all()
     assert rows[rows.backend == "cpu"].speedup_vs_flex.notna().all()
+
+
+def test_prefill_speedups_are_medians_of_per_round_ratios(monkeypatch):
+    """A fake clock and scripted backends: dense and cpu alternate each round, and speed-ups are the median of the
+    per-round ratios (2.0 here), not the ratio of the medians (1.0), which load drifting between rounds skews."""
+    durations = {"dense": [10.0, 20.0, 10.0, 40.0, 10.0], "cpu": [7.0, 5.0, 20.0, 2.0, 10.0, 10.0]}  # cpu: +error
+    clock, calls = [0.0], []
+
+    def fake_prefill_fn(backend, q, k, v, spans, sink):
+        out = moa_attention_reference(q, k, v, spans, sink) if spans is not None else q
+
+        def call():
+            calls.append(backend)
+            clock[0] += durations[backend][calls.count(backend) - 1] / 1e3
+            return out
+        return call
+
+    monkeypatch.setattr(bench, "_prefill_fn", fake_prefill_fn)
+    monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    s = settings_from(compose(["model=tiny", *QUICK, "benchmark.backends=[dense,cpu]", "benchmark.warmup=0",
+                               "benchmark.repeats=5", "benchmark.densities=[0.25]"]))
+    dense, cpu = bench.prefill_rows(s)
+    assert calls == ["cpu"] + ["dense", "cpu"] * 5  # error check, then round-robin
+    assert cpu["speedup_vs_dense"] == pytest.approx(2.0)  # ratios 2, 1, 5, 4, 1
+    assert cpu["latency_ms_p50"] == pytest.approx(10.0) and dense["latency_ms_p50"] == pytest.approx(10.0)
+    assert cpu["fraction_of_ideal"] == pytest.approx(2.0 / cpu["ideal_speedup"])
+    assert dense["speedup_vs_dense"] == 1.0 and cpu["max_abs_err"] < 1e-6
