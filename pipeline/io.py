@@ -47,6 +47,16 @@ def save_tensors(target: str | os.PathLike, tensors: dict, metadata: dict[str, s
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def tensors_saved_for(path: str | os.PathLike, config_hash: str) -> bool:
+    """True when the safetensors file at ``path`` exists and was saved with metadata ``config_hash``."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("config_hash") == config_hash
+
+
 def write_parquet(target: str | os.PathLike, frame) -> None:
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, index=False)

@@ -68,7 +68,21 @@ def load_model(model_cfg) -> LoadedModel:
 
 def describe(model: torch.nn.Module, name: str) -> ModelInfo:
     """The architecture facts the sparse plan depends on, plus the weight fingerprint."""
-    config = model.config
+    num_layers, heads, kv_heads, head_dim = attention_shape(model.config)
+    return ModelInfo(
+        name=name,
+        arch=str(getattr(model.config, "model_type", "unknown")),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0),
+        fingerprint=fingerprint(model),
+    )
+
+
+def attention_shape(config) -> tuple[int, int, int, int]:
+    """``(num_layers, num_heads, num_kv_heads, head_dim)`` read from a decoder's HF config."""
     missing = [key for key in ("num_hidden_layers", "num_attention_heads", "hidden_size") if getattr(config, key, None) is None]
     if missing:
         raise UserError(f"model config lacks {', '.join(missing)}: it is not a decoder the sparse runtime supports")
@@ -77,16 +91,7 @@ def describe(model: torch.nn.Module, name: str) -> ModelInfo:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     if heads % kv_heads:
         raise UserError(f"model has {heads} query heads, not a multiple of its {kv_heads} KV heads")
-    return ModelInfo(
-        name=name,
-        arch=str(getattr(config, "model_type", "unknown")),
-        num_layers=int(config.num_hidden_layers),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
-        fingerprint=fingerprint(model),
-    )
+    return int(config.num_hidden_layers), heads, kv_heads, head_dim
 
 
 def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 2048) -> str:

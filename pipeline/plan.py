@@ -173,14 +173,16 @@ def describe_model(model) -> dict:
     if hasattr(model, "num_layers"):
         info = {k: getattr(model, k, None) for k in MODEL_FIELDS}
     elif hasattr(model, "config"):
+        from pipeline.models import attention_shape
+
         cfg = model.config
-        heads = int(cfg.num_attention_heads)
+        num_layers, heads, kv_heads, head_dim = attention_shape(cfg)
         info = {
             "name": getattr(cfg, "name_or_path", "") or getattr(cfg, "model_type", "model"),
-            "num_layers": int(cfg.num_hidden_layers),
+            "num_layers": num_layers,
             "num_heads": heads,
-            "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
-            "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+            "num_kv_heads": kv_heads,
+            "head_dim": head_dim,
             "fingerprint": getattr(model, "fingerprint", None),
         }
     else:

@@ -96,6 +96,17 @@ def test_full_spans_equal_dense_sdpa(arch):
         torch.testing.assert_close(model(ids).logits, dense, atol=1e-5, rtol=1e-5)
 
 
+def assert_matches_recomputation(model, plan, ids, result, new, *, atol, rtol):
+    """Each step's logits and greedy token equal a full recomputation under the mask fixed at prompt + new."""
+    seq, total = ids, ids.shape[1] + new
+    for step in range(new):
+        with torch.no_grad():
+            logits = oracle_logits(model, plan, seq, total)[:, -1]
+        torch.testing.assert_close(result.logits[step], logits, atol=atol, rtol=rtol)
+        seq = torch.cat([seq, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(result.sequences, seq)
+
+
 @pytest.mark.parametrize(
     ("arch", "granularity", "heads", "kv_heads", "backend"),
     [("llama", "kv_head", 4, 2, "auto"), ("mistral", "kv_head", 4, 2, "auto"), ("qwen2", "kv_head", 4, 4, "auto"),
@@ -114,13 +125,7 @@ def test_generate_equals_recomputation(request, arch, granularity, heads, kv_hea
     ids = torch.randint(0, 128, (2, prompt), generator=torch.Generator().manual_seed(4)).to(device)
     result = generate(model, ids, new, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert result.sequences.shape == (2, prompt + new)
-    seq = ids
-    for step in range(new):
-        with torch.no_grad():
-            logits = oracle_logits(model, plan, seq, prompt + new)[:, -1]
-        torch.testing.assert_close(result.logits[step], logits, atol=1e-4, rtol=1e-4)
-        seq = torch.cat([seq, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(result.sequences, seq)
+    assert_matches_recomputation(model, plan, ids, result, new, atol=1e-4, rtol=1e-4)
 
 
 def test_generate_accepts_a_prebuilt_cache():
@@ -163,15 +168,9 @@ def test_smollm2_generate_equals_recomputation():
     plan = apply_plan(model, plan, info=info)
     text = "Repeat after me: the quick brown fox jumps over the lazy dog. " * 12
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids
-    prompt, new = ids.shape[1], 12
+    new = 12
     result = generate(model, ids, new, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    seq = ids
-    for step in range(new):
-        with torch.no_grad():
-            logits = oracle_logits(model, plan, seq, prompt + new)[:, -1]
-        torch.testing.assert_close(result.logits[step], logits, atol=2e-3, rtol=1e-3)
-        seq = torch.cat([seq, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(result.sequences, seq)
+    assert_matches_recomputation(model, plan, ids, result, new, atol=2e-3, rtol=1e-3)
     wrong = dataclasses.replace(info, fingerprint="0" * 16)
     with pytest.raises(UserError, match="fingerprint"):
         apply_plan(model, plan, info=wrong)

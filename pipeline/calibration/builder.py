@@ -82,6 +82,23 @@ def build_sample(model, tokenizer, item: TaskItem, max_new_tokens: int) -> Sampl
     return Sample(item=item, prompt_ids=prompt_ids, response_ids=response_ids, response_text=text)
 
 
+def build_samples(model, tokenizer, *, tasks: list[str], length: int, count: int, max_new_tokens: int, split: str,
+                  seed: int, progress=iter) -> list[Sample]:
+    """``count`` samples at ``length``, cycling through ``tasks``, each answered greedily by ``model``.
+
+    Raises ValueError when ``length`` is too short for a task."""
+    samples = []
+    for index in progress(range(count)):
+        item = make_item(tokenizer, tasks[index % len(tasks)], length, max_new_tokens, split=split, index=index, seed=seed)
+        samples.append(build_sample(model, tokenizer, item, max_new_tokens))
+    return samples
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for tail padding: the pad token, or the end token when the tokenizer has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pack(samples: list[Sample], length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Stack samples into the dataset tensors: input_ids/loss_mask ``[S, N]``, lengths/prompt_lengths ``[S]``."""
     count = len(samples)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from pipeline import io  # noqa: E402
-from pipeline.calibration.builder import build_sample, make_item, pack  # noqa: E402
+from pipeline.calibration.builder import build_samples, pack, pad_token_id  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.stages.registry import stage  # noqa: E402
 
@@ -21,14 +21,6 @@ SPLIT = "calibration"
 
 def dataset_path(run_dir: Path, length: int) -> Path:
     return run_dir / "calibrate" / f"calibration_{length}.safetensors"
-
-
-def _finished(path: Path, config_hash: str) -> bool:
-    """A length is finished when its dataset file exists and was written for this config hash."""
-    if not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("config_hash") == config_hash
 
 
 @stage("calibrate", config_keys=("calibration",), outputs=("calibrate/manifest.json",))
@@ -41,25 +33,24 @@ def run_calibrate(ctx):
     too_long = [n for n in lengths if info.max_positions and n > info.max_positions]
     if too_long:
         raise UserError(f"calibration.lengths: {too_long[0]} exceeds the model's {info.max_positions} positions")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     manifest = {"model": info.as_dict(), "config_hash": ctx.config_hash, "lengths": {}}
     tasks = list(cal.tasks)
     for length in lengths:
         path = dataset_path(ctx.run_dir, length)
         meta_path = path.with_name(f"samples_{length}.jsonl")
-        if not ctx.force and _finished(path, ctx.config_hash) and meta_path.is_file():
+        if not ctx.force and io.tensors_saved_for(path, ctx.config_hash) and meta_path.is_file():
             print(f"  length {length}: already built, skipped", flush=True)
             records = [json.loads(line) for line in meta_path.read_text().splitlines()]
         else:
-            samples = []
-            for index in ctx.progress(range(int(cal.samples_per_length)), desc=f"calibrate N={length}"):
-                task = tasks[index % len(tasks)]
-                try:
-                    item = make_item(tokenizer, task, length, int(cal.max_new_tokens), split=SPLIT, index=index, seed=int(cal.seed))
-                except ValueError as err:
-                    raise UserError(f"calibration.lengths: {length} is too short for task {task} ({err})") from None
-                samples.append(build_sample(model, tokenizer, item, int(cal.max_new_tokens)))
-            tensors = pack(samples, length, pad_id)
+            try:
+                samples = build_samples(
+                    model, tokenizer, tasks=tasks, length=length, count=int(cal.samples_per_length),
+                    max_new_tokens=int(cal.max_new_tokens), split=SPLIT, seed=int(cal.seed),
+                    progress=lambda items, n=length: ctx.progress(items, desc=f"calibrate N={n}"),
+                )
+            except ValueError as err:
+                raise UserError(f"calibration.lengths: {length} is too short ({err})") from None
+            tensors = pack(samples, length, pad_token_id(tokenizer))
             records = [
                 {
                     "index": i,

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import io
-from pipeline.calibration.builder import build_sample, make_item, pack
+from pipeline.calibration.builder import build_samples, pack, pad_token_id
 from pipeline.errors import UserError
 from pipeline.evaluation.perplexity import perplexity
 from pipeline.plan import Plan, kv_density, load_plan, save_plan
@@ -39,20 +38,16 @@ def validation_length(cfg) -> int:
 def heldout_samples(ctx, length: int) -> dict:
     """Held-out samples (disjoint seed stream) answered greedily by the dense model; built once, then reused."""
     path = ctx.stage_dir / f"heldout_{length}.safetensors"
-    if path.is_file() and not ctx.force:
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("config_hash") == ctx.config_hash:
-                return load_file(str(path))
+    if not ctx.force and io.tensors_saved_for(path, ctx.config_hash):
+        return load_file(str(path))
     loaded = ctx.load_model()
     cfg = ctx.cfg
-    tasks = list(cfg.calibration.tasks)
-    samples = []
-    for index in ctx.progress(range(int(cfg.validate.samples)), desc=f"held-out N={length}"):
-        item = make_item(loaded.tokenizer, tasks[index % len(tasks)], length, int(cfg.calibration.max_new_tokens),
-                         split=SPLIT, index=index, seed=int(cfg.calibration.seed))
-        samples.append(build_sample(loaded.model, loaded.tokenizer, item, int(cfg.calibration.max_new_tokens)))
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
-    tensors = pack(samples, length, pad_id)
+    samples = build_samples(
+        loaded.model, loaded.tokenizer, tasks=list(cfg.calibration.tasks), length=length, count=int(cfg.validate.samples),
+        max_new_tokens=int(cfg.calibration.max_new_tokens), split=SPLIT, seed=int(cfg.calibration.seed),
+        progress=lambda items: ctx.progress(items, desc=f"held-out N={length}"),
+    )
+    tensors = pack(samples, length, pad_token_id(loaded.tokenizer))
     io.save_tensors(path, tensors, metadata={"config_hash": ctx.config_hash})
     return tensors
 
