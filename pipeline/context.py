@@ -1,15 +1,24 @@
-"""What a stage function receives: config, directories, the (lazily loaded) model, and logging helpers."""
+"""What a stage function receives: config, artifact paths, the (lazily loaded) model, and its tracking run.
+
+Stages log only through their context: ``ctx.log_params``/``log_metrics``/... go to the stage's own MLflow run,
+``ctx.child_run(name)`` opens a nested run (one per plan candidate or benchmark row), and ``ctx.logger(run_id)``
+reaches an existing run. All of it goes through an explicit ``MlflowClient`` and run ids (see
+:mod:`pipeline.tracking`), never MLflow's process-global active run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+from pipeline.artifacts import RunArtifacts
+from pipeline.tracking import RunLogger, Tracker
 
 
 @dataclass
@@ -19,8 +28,15 @@ class StageContext:
     name: str
     run_dir: Path
     config_hash: str
+    tracker: Tracker
+    run: RunLogger
+    """This stage's own MLflow run."""
     force: bool = False
     _model_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def artifacts(self) -> RunArtifacts:
+        return RunArtifacts(self.run_dir)
 
     @property
     def stage_dir(self) -> Path:
@@ -46,35 +62,33 @@ class StageContext:
 
     # ---- tracking -------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        mlflow.log_params({k: _short(v) for k, v in params.items()})
+        self.run.log_params(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+        self.run.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.run.set_tags(tags)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self.run.log_artifact(path, artifact_path=artifact_path)
 
     def log_figure(self, figure, name: str) -> None:
         """Log a matplotlib figure as ``<name>`` (a file name such as ``heatmap.png``) and close it."""
-        import matplotlib.pyplot as plt
+        self.run.log_figure(figure, name)
 
-        mlflow.log_figure(figure, name)
-        plt.close(figure)
+    @contextlib.contextmanager
+    def child_run(self, name: str, tags: dict[str, str] | None = None):
+        """A run nested under this stage's run, e.g. one plan candidate or one benchmark row."""
+        with self.tracker.run(name, parent=self.run, tags=tags) as child:
+            yield child
+
+    def logger(self, run_id: str) -> RunLogger:
+        """Log to an existing run, e.g. attach validation results to an optimize-stage candidate run."""
+        return self.tracker.logger(run_id)
 
     def progress(self, iterable=None, **kwargs):
         """A tqdm progress bar (shown on stderr) for long loops."""
         kwargs.setdefault("dynamic_ncols", True)
         kwargs.setdefault("disable", os.environ.get("MOA_NO_PROGRESS") == "1")
         return tqdm(iterable, **kwargs)
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-def _metric_key(key: str) -> str:
-    """See :func:`pipeline.tracking.metric_name`."""
-    from pipeline.tracking import metric_name
-
-    return metric_name(key)

@@ -1,23 +1,41 @@
-"""Runs the requested stages in order, with config-hash resume and one nested MLflow run per stage."""
+"""Runs the requested stages in order, with resume, completion markers and one MLflow run per stage.
+
+A stage is up to date when its completion marker ``<run_dir>/<stage>/.done.json`` records
+
+- the stage's current **config hash**: the model, the stage's config sections, the seed, the device where the
+  result depends on it, the code (package version, torch/transformers versions and a digest of the stage's
+  source and its project imports), and the hashes of the stages it reads;
+- a **digest of its outputs** equal to what is on disk now, so a half-rewritten output is never trusted;
+- the **output digests of its inputs** equal to theirs now, so a stage whose inputs were rewritten is redone.
+
+A marker is only ever replaced by a newer one, never deleted first: a stage that fails before touching its
+outputs leaves the previous result valid. The parent MLflow run is opened only when some stage actually runs,
+so a no-op rerun adds nothing to MLflow.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import time
+from importlib import metadata
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import io, tracking
+from pipeline import io
+from pipeline.artifacts import ArtifactError
+from pipeline.code_digest import source_digest
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.stages.registry import STAGE_ORDER, Stage, registered
+from pipeline.tracking import Tracker, git_commit, package_versions
 
 MARKER = ".done.json"
 MODEL_KEYS_IGNORED_IN_HASH = ("cache_dir",)
+CODE_PACKAGES = ("moa-autotune", "torch", "transformers")
 
 
 def stages_for(selection: str) -> list[str]:
@@ -28,39 +46,124 @@ def stages_for(selection: str) -> list[str]:
     return [selection]
 
 
+def resolved_device(cfg: DictConfig) -> str:
+    """``cpu``, or ``cuda:<device name>`` where the config asks for (or ``auto`` finds) CUDA."""
+    import torch
+
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cuda"
+
+
+def code_version(spec: Stage) -> dict[str, str]:
+    """The versions and source digest that make stage ``spec``'s code."""
+    versions = {}
+    for name in CODE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    modules = [spec.module] + (["pipeline.context"] if spec.uses_model else [])
+    return {**versions, "source": "+".join(source_digest(m) for m in modules if m)}
+
+
 def stage_hash(cfg: DictConfig, name: str, stages: dict[str, Stage]) -> str:
-    """Hash of everything that changes stage ``name``'s result: model, its config sections, its inputs' hashes."""
+    """Hash of everything that changes stage ``name``'s result (see the module docstring)."""
     spec = stages[name]
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in MODEL_KEYS_IGNORED_IN_HASH}
     payload = {
         "stage": name,
         "model": model,
         "seed": cfg.seed,
+        "device": resolved_device(cfg) if spec.device_bound else None,
+        "code": code_version(spec),
         "sections": {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys},
         "inputs": {req: stage_hash(cfg, req, stages) for req in spec.requires if req in stages},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def is_done(run_dir: Path, spec: Stage, config_hash: str) -> bool:
-    marker = run_dir / spec.name / MARKER
+def outputs_digest(run_dir: Path, spec: Stage) -> str | None:
+    """SHA-256 over the stage's output files (folders recursively, hidden names skipped); None if one is missing."""
+    digest = hashlib.sha256()
+    for out in spec.outputs:
+        path = run_dir / out
+        if not path.exists():
+            return None
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            relative = file.relative_to(run_dir)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            digest.update(str(relative).encode() + b"\0")
+            with file.open("rb") as handle:
+                for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def read_marker(run_dir: Path, name: str) -> dict | None:
+    marker = run_dir / name / MARKER
     if not marker.is_file():
-        return False
+        return None
     try:
-        recorded = io.read_json(marker).get("config_hash")
+        return io.read_json(marker)
     except (OSError, ValueError):
+        return None
+
+
+def is_done(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stage] | None = None) -> bool:
+    """Whether the marker vouches for this config hash, the outputs on disk, and the inputs as they are now."""
+    marker = read_marker(run_dir, spec.name)
+    if marker is None or marker.get("config_hash") != config_hash:
         return False
-    return recorded == config_hash and all((run_dir / out).exists() for out in spec.outputs)
+    current = outputs_digest(run_dir, spec)
+    if current is None or marker.get("outputs_digest") != current:
+        return False
+    for req, recorded in (marker.get("inputs") or {}).items():
+        upstream = read_marker(run_dir, req)
+        if upstream is None or upstream.get("outputs_digest") != recorded:
+            return False
+    return True
 
 
-def _reset(run_dir: Path, spec: Stage, config_hash: str, force: bool) -> None:
-    """Drop the completion marker, and resume state from other config hashes (or all of it when forced)."""
-    (run_dir / spec.name / MARKER).unlink(missing_ok=True)
+def write_marker(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stage], **extra) -> None:
+    """Atomically replace stage ``spec``'s completion marker with one vouching for its outputs as they are now."""
+    inputs = {req: (read_marker(run_dir, req) or {}).get("outputs_digest") for req in spec.requires if req in stages}
+    io.write_json(run_dir / spec.name / MARKER, {
+        "stage": spec.name, "config_hash": config_hash, "outputs_digest": outputs_digest(run_dir, spec),
+        "inputs": inputs, **extra,
+    })
+
+
+def _clear_stale_partials(run_dir: Path, spec: Stage, config_hash: str, force: bool) -> None:
+    """Drop resume state from other config hashes (or all of it when forced)."""
     partial_root = run_dir / spec.name / ".partial"
     if partial_root.is_dir():
         for entry in partial_root.iterdir():
             if force or entry.name != config_hash:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+class _Session:
+    """One ``pipeline.run`` invocation: the tracker and the parent run, opened on first use."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, stack: contextlib.ExitStack):
+        self.cfg, self.run_dir, self.stack = cfg, run_dir, stack
+        self.tracker: Tracker | None = None
+        self.parent = None
+        self.model_cache: dict = {}
+
+    def parent_run(self):
+        if self.parent is None:
+            self.tracker = Tracker.from_cfg(self.cfg.tracking, self.run_dir)
+            self.parent = self.stack.enter_context(self.tracker.run(
+                f"pipeline:{self.cfg.stage}",
+                tags={"git_commit": git_commit(), "stage_selection": str(self.cfg.stage), "model": str(self.cfg.model.name)},
+            ))
+            self.parent.log_params(package_versions())
+            self.parent.log_dict(OmegaConf.to_container(self.cfg, resolve=True), "config.json")
+        return self.parent
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, str]:
@@ -69,28 +172,31 @@ def run_pipeline(cfg: DictConfig) -> dict[str, str]:
     stages = registered()
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracking.setup(cfg.tracking, run_dir)
     outcome: dict[str, str] = {}
-    model_cache: dict = {}
-    with mlflow.start_run(run_name=f"pipeline:{cfg.stage}") as parent:
-        mlflow.set_tags({"git_commit": tracking.git_commit(), "stage_selection": str(cfg.stage), "model": str(cfg.model.name)})
-        mlflow.log_params(tracking.package_versions())
-        mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.json")
+    with contextlib.ExitStack() as stack:
+        session = _Session(cfg, run_dir, stack)
         for name in selection:
             if name not in stages:
                 print(f"[{name}] not yet available in this version: skipped", flush=True)
                 outcome[name] = "unavailable"
                 continue
-            outcome[name] = _run_stage(cfg, stages, name, run_dir, model_cache)
-        mlflow.set_tag("outcome", json.dumps(outcome))
-        if model_cache.get("loaded") is not None:
-            mlflow.log_dict(model_cache["loaded"].info.as_dict(), "model_info.json")
-        print(f"MLflow parent run {parent.info.run_id} ({mlflow.get_tracking_uri()})", flush=True)
+            outcome[name] = _run_stage(cfg, stages, name, session)
+        if session.parent is not None:
+            session.parent.set_tags({"outcome": json.dumps(outcome)})
+            if session.model_cache.get("loaded") is not None:
+                session.parent.log_dict(session.model_cache["loaded"].info.as_dict(), "model_info.json")
+            print(f"MLflow parent run {session.parent.run_id} ({session.tracker.uri})", flush=True)
+        else:
+            print("every selected stage is up to date: nothing ran, nothing was logged", flush=True)
+    if str(cfg.stage) == "all":
+        from pipeline.report import final_summary
+
+        print(final_summary(cfg, run_dir), flush=True)
     return outcome
 
 
-def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, run_dir: Path, model_cache: dict) -> str:
-    spec = stages[name]
+def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _Session) -> str:
+    spec, run_dir = stages[name], session.run_dir
     config_hash = stage_hash(cfg, name, stages)
     for req in spec.requires:
         if req in stages and not is_done(run_dir, stages[req], stage_hash(cfg, req, stages)):
@@ -99,22 +205,25 @@ def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, run_dir: Pa
     if not force and is_done(run_dir, spec, config_hash):
         print(f"[{name}] up to date (config {config_hash}): skipped; use force=true to redo", flush=True)
         return "skipped"
-    _reset(run_dir, spec, config_hash, force)
+    _clear_stale_partials(run_dir, spec, config_hash, force)
     print(f"[{name}] running (config {config_hash})", flush=True)
-    ctx = StageContext(cfg=cfg, name=name, run_dir=run_dir, config_hash=config_hash, force=force, _model_cache=model_cache)
-    with mlflow.start_run(run_name=name, nested=True):
-        mlflow.set_tags({"stage": name, "config_hash": config_hash})
-        mlflow.log_params({f"{key}": json.dumps(OmegaConf.to_container(cfg[key], resolve=True)) for key in spec.config_keys})
+    parent = session.parent_run()
+    with session.tracker.run(name, parent=parent, tags={"stage": name, "config_hash": config_hash}) as run:
+        run.log_params({key: json.dumps(OmegaConf.to_container(cfg[key], resolve=True)) for key in spec.config_keys})
+        ctx = StageContext(cfg=cfg, name=name, run_dir=run_dir, config_hash=config_hash, tracker=session.tracker,
+                           run=run, force=force, _model_cache=session.model_cache)
         started = time.perf_counter()
-        summary = spec.fn(ctx) or {}
+        try:
+            summary = spec.fn(ctx) or {}
+        except ArtifactError as err:
+            raise UserError(str(err)) from None
         seconds = time.perf_counter() - started
-        mlflow.log_metric("stage_seconds", seconds)
-        info = model_cache["loaded"].info.as_dict() if model_cache.get("loaded") is not None else None
+        run.log_metrics({"stage_seconds": seconds})
+        loaded = session.model_cache.get("loaded")
+        info = loaded.info.as_dict() if loaded is not None else None
         if info:
-            mlflow.set_tag("model_fingerprint", info["fingerprint"])
-        io.write_json(
-            run_dir / name / MARKER,
-            {"stage": name, "config_hash": config_hash, "seconds": round(seconds, 3), "model": info, "summary": summary},
-        )
+            run.set_tags({"model_fingerprint": info["fingerprint"]})
+        write_marker(run_dir, spec, config_hash, stages, seconds=round(seconds, 3), model=info, summary=summary,
+                     mlflow_run_id=run.run_id)
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
     return "ran"

@@ -15,7 +15,7 @@ from pipeline import io
 from pipeline.plan import load_plan
 from pipeline.rules.loss_table import BlockInfluence
 from pipeline.run import compose, main
-from pipeline.runner import stage_hash
+from pipeline.runner import stage_hash, write_marker
 from pipeline.stages.registry import registered
 from tests.pipeline_helpers import run_stage
 
@@ -36,7 +36,8 @@ def fake_profile(run_dir, lengths=LENGTHS, seed=0) -> dict[int, torch.Tensor]:
         io.save_tensors(run_dir / "profile" / f"influence_{n}.safetensors", {"influence": influence[n]},
                         metadata={"block_size": str(BLOCK), "length": str(n)})
     io.write_json(run_dir / "profile" / "summary.json", {})
-    io.write_json(run_dir / "profile" / ".done.json", {"config_hash": stage_hash(cfg, "profile", registered())})
+    stages = registered()
+    write_marker(run_dir, stages["profile"], stage_hash(cfg, "profile", stages), stages)
     return influence
 
 

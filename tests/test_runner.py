@@ -100,16 +100,11 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (("stage=calibrate", "model.path=/nonexistent"), "/nonexistent"),
         (("stage=nope",), "stage"),
         (("model=tiny", "calibration.lengths=[0]"), "calibration.lengths"),
-        (("model=tiny", "stage=profile"), None),
+        (("model=tiny", "stage=profile"), "run stage=calibrate first"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, args, needle):
     result = _cli(*args, f"run_dir={tmp_path}/r", cwd=REPO)
-    if needle is None:  # profile needs calibration first (or is not yet available in this version)
-        if result.returncode == 0:
-            assert "not yet available" in result.stdout
-            return
-        needle = "calibrate"
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
@@ -150,3 +145,120 @@ def test_tracking_server_receives_runs(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _parent_runs(run_dir: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["moa-autotune"])
+    return runs[runs["tags.mlflow.parentRunId"].isna()]
+
+
+def test_hash_includes_the_code_and_for_the_benchmark_the_device(monkeypatch):
+    stages = registered()
+    cfg = compose(["model=tiny"])
+    before = {name: stage_hash(cfg, name, stages) for name in ("calibrate", "profile", "rules", "benchmark")}
+    on_gpu = compose(["model=tiny", "device=cpu"])
+    on_gpu.device = "cuda"  # as composed on a CUDA machine; this one has none, so the CLI would refuse it
+    assert stage_hash(compose(["model=tiny", "device=cpu"]), "benchmark", stages) != stage_hash(on_gpu, "benchmark", stages)
+    import pipeline.code_digest as code_digest
+
+    real = code_digest._source
+    monkeypatch.setattr(code_digest, "_source", lambda m: real(m) + (b"# edited" if m == "pipeline.calibration.tasks" else b""))
+    code_digest.source_digest.cache_clear()
+    try:
+        after = {name: stage_hash(cfg, name, stages) for name in before}
+    finally:
+        code_digest.source_digest.cache_clear()
+    assert after["calibrate"] != before["calibrate"], "a change to code the stage imports must redo it"
+    assert after["profile"] != before["profile"], "and every stage downstream of it"
+    assert after["benchmark"] == before["benchmark"], "but not an unrelated stage"
+
+
+def test_noop_rerun_adds_no_parent_run_and_prints_why(tmp_path, capsys):
+    run_stage(tmp_path, *FAST)
+    assert len(_parent_runs(tmp_path)) == 1
+    assert run_stage(tmp_path, *FAST) == {"calibrate": "skipped"}
+    assert "nothing ran" in capsys.readouterr().out
+    assert len(_parent_runs(tmp_path)) == 1
+
+
+def test_failed_forced_rerun_keeps_the_marker_and_a_rewritten_input_redoes_the_reader(tmp_path, monkeypatch):
+    profile = ("stage=profile", *FAST[1:])
+    run_stage(tmp_path, *FAST)
+    run_stage(tmp_path, *profile)
+    marker = tmp_path / "calibrate" / ".done.json"
+    recorded = marker.read_text()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom before any artifact is touched")
+
+    monkeypatch.setattr("pipeline.stages.calibrate.build_samples", fail)
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, *FAST, "force=true")
+    assert marker.read_text() == recorded, "the marker may only be replaced, never dropped first"
+    monkeypatch.undo()
+    assert run_stage(tmp_path, *FAST) == {"calibrate": "skipped"}
+    assert run_stage(tmp_path, *profile) == {"profile": "skipped"}
+
+    # A forced rerun that produces different calibration data rewrites profile's input: profile must be redone.
+    real = builder.build_samples
+    monkeypatch.setattr("pipeline.stages.calibrate.build_samples", lambda *a, **k: real(*a, **{**k, "seed": 4321}))
+    assert run_stage(tmp_path, *FAST, "force=true") == {"calibrate": "ran"}
+    assert run_stage(tmp_path, *profile) == {"profile": "ran"}
+
+
+def test_a_half_rewritten_output_is_not_trusted(tmp_path):
+    run_stage(tmp_path, *FAST)
+    (tmp_path / "calibrate" / "samples_1024.jsonl").unlink()  # as if a rerun had stopped half-way
+    assert run_stage(tmp_path, *FAST) == {"calibrate": "ran"}
+    assert (tmp_path / "calibrate" / "samples_1024.jsonl").is_file()
+
+
+def test_artifacts_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import pipeline.io
+
+        importlib.reload(pipeline.io)
+        pipeline.io.write_json(tmp_path / "x.json", {"a": 1})
+        assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(pipeline.io)
+
+
+def test_stage_artifacts_are_readable_by_others(tmp_path):
+    result = subprocess.run(["bash", "-c", f"umask 022 && {sys.executable} -m pipeline.run model=tiny run_dir={tmp_path} "
+                             + " ".join(FAST)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MOA_NO_PROGRESS": "1"})
+    assert result.returncode == 0, result.stderr
+    for path in (tmp_path / "calibrate").iterdir():
+        if path.is_file():
+            assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by group and others"
+
+
+def test_two_threads_log_into_two_runs(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "threads", tmp_path)
+
+    def work(name: str) -> str:
+        with tracker.run(name) as run:
+            for step in range(20):
+                run.log_metrics({"value": step * (1 if name == "a" else 10)}, step=step)
+            run.log_params({"who": name})
+            return run.run_id
+
+    with ThreadPoolExecutor(2) as pool:
+        ids = dict(zip("ab", pool.map(work, "ab"), strict=True))
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for name, run_id in ids.items():
+        run = client.get_run(run_id)
+        assert run.data.params == {"who": name} and run.info.status == "FINISHED"
+        history = client.get_metric_history(run_id, "value")
+        scale = 1 if name == "a" else 10
+        assert sorted((m.step, m.value) for m in history) == [(s, s * scale) for s in range(20)]

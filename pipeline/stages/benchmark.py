@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
 import pandas as pd
 import torch
 
@@ -55,16 +54,16 @@ def settings_from(cfg) -> bench.BenchSettings:
     )
 
 
-def log_row(row: dict) -> None:
+def log_row(ctx, row: dict) -> None:
     """One nested MLflow run per benchmark row, with the tracking contract's params and metrics."""
     name = f"{row['section']}:{row['backend']} N={row['seq_len']} d={row['density']}"
-    with mlflow.start_run(run_name=name, nested=True):
-        mlflow.log_params({key: row[key] for key in PARAMS})
-        mlflow.log_metrics({key: float(row[key]) for key in METRICS if row[key] == row[key]})  # NaN: not applicable
+    with ctx.child_run(name, tags={"kind": "benchmark_row"}) as run:
+        run.log_params({key: row[key] for key in PARAMS})
+        run.log_metrics({key: float(row[key]) for key in METRICS if row[key] == row[key]})  # NaN: not applicable
 
 
-@stage("benchmark", requires=(), config_keys=("benchmark", "sparse"), outputs=("bench/kernels.csv",),
-       uses_model=False)
+@stage("benchmark", requires=(), config_keys=("benchmark", "sparse"), outputs=("bench/",),
+       uses_model=False, device_bound=True)
 def run_benchmark(ctx):
     """Benchmark sparse prefill and decode kernels against dense SDPA and compiled FlexAttention."""
     settings = settings_from(ctx.cfg)
@@ -73,8 +72,8 @@ def run_benchmark(ctx):
     rows = bench.prefill_rows(settings, lambda grid: ctx.progress(grid, desc="benchmark prefill"))
     rows += bench.decode_rows(settings, lambda grid: ctx.progress(grid, desc="benchmark decode"))
     for row in rows:
-        log_row(row)
-    path = ctx.run_dir / "bench" / "kernels.csv"
+        log_row(ctx, row)
+    path = ctx.artifacts.bench_csv
     io.write_csv(path, pd.DataFrame(rows))
     ctx.log_artifact(path)
     print(bench.format_table(rows), flush=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import matplotlib
 
@@ -19,11 +18,7 @@ from pipeline.stages.registry import stage  # noqa: E402
 SPLIT = "calibration"
 
 
-def dataset_path(run_dir: Path, length: int) -> Path:
-    return run_dir / "calibrate" / f"calibration_{length}.safetensors"
-
-
-@stage("calibrate", config_keys=("calibration",), outputs=("calibrate/manifest.json",))
+@stage("calibrate", config_keys=("calibration",), outputs=("calibrate/",))
 def run_calibrate(ctx):
     """Build calibration samples whose answers depend on far-back context, with response-only loss masks."""
     cal = ctx.cfg.calibration
@@ -36,11 +31,11 @@ def run_calibrate(ctx):
     manifest = {"model": info.as_dict(), "config_hash": ctx.config_hash, "lengths": {}}
     tasks = list(cal.tasks)
     for length in lengths:
-        path = dataset_path(ctx.run_dir, length)
-        meta_path = path.with_name(f"samples_{length}.jsonl")
+        path = ctx.artifacts.calibration(length)
+        meta_path = ctx.artifacts.calibration_records(length)
         if not ctx.force and io.tensors_saved_for(path, ctx.config_hash) and meta_path.is_file():
             print(f"  length {length}: already built, skipped", flush=True)
-            records = [json.loads(line) for line in meta_path.read_text().splitlines()]
+            records = ctx.artifacts.load_calibration_records(length)
         else:
             try:
                 samples = build_samples(
@@ -79,17 +74,17 @@ def run_calibrate(ctx):
             }
         )
         ctx.log_artifact(meta_path, artifact_path="calibration")
-    manifest_path = ctx.run_dir / "calibrate" / "manifest.json"
+    manifest_path = ctx.artifacts.calibration_manifest
     io.write_json(manifest_path, manifest)
     ctx.log_artifact(manifest_path, artifact_path="calibration")
-    ctx.log_figure(_length_histogram(ctx.run_dir, lengths), "calibration_lengths.png")
+    ctx.log_figure(_length_histogram(ctx.artifacts, lengths), "calibration_lengths.png")
     return {"lengths": lengths, "samples": sum(v["samples"] for v in manifest["lengths"].values())}
 
 
-def _length_histogram(run_dir: Path, lengths: list[int]):
+def _length_histogram(artifacts, lengths: list[int]):
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for length in lengths:
-        with safe_open(str(dataset_path(run_dir, length)), framework="pt") as handle:
+        with safe_open(str(artifacts.calibration(length)), framework="pt") as handle:
             prompts = handle.get_tensor("prompt_lengths").tolist()
             totals = handle.get_tensor("lengths").tolist()
         axis.hist(prompts, bins=20, alpha=0.6, label=f"N={length} prompt")

@@ -7,9 +7,7 @@ Writes ``plans/plan_<i>.json`` (format ``moa-plan/1``) for every Pareto point an
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
@@ -18,34 +16,6 @@ from pipeline.optimize.figures import front_figure
 from pipeline.optimize.front import solve_front
 from pipeline.plan import Plan, describe_model, package_version, save_plan, validate_plan
 from pipeline.stages.registry import stage
-
-TABLE_COLUMNS = ("layer", "head", "rule", "alpha", "beta", "length", "loss", "kv_density", "attention_density")
-
-
-def load_loss_table(path) -> dict:
-    """``rules/loss_table.parquet`` as arrays: ``loss``, ``kv_density``, ``attention_density`` ``(L, H, R, T)``,
-    ``alphas``, ``betas`` ``(R,)`` and ``lengths`` ``(T,)``."""
-    if not path.is_file():
-        raise UserError(f"missing loss table {path}: run stage=rules first")
-    table = pd.read_parquet(path)
-    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: re-run stage=rules")
-    lengths = np.sort(table["length"].unique())
-    shape = (table["layer"].max() + 1, table["head"].max() + 1, table["rule"].max() + 1, len(lengths))
-    if len(table) != np.prod(shape):
-        raise UserError(f"{path} has {len(table)} rows, expected {int(np.prod(shape))} for shape {shape}: "
-                        f"re-run stage=rules")
-    t = np.searchsorted(lengths, table["length"].to_numpy())
-    index = (table["layer"].to_numpy(), table["head"].to_numpy(), table["rule"].to_numpy(), t)
-    arrays = {}
-    for column in ("loss", "kv_density", "attention_density"):
-        values = np.full(shape, np.nan)
-        values[index] = table[column].to_numpy()
-        arrays[column] = values
-    rules = table.drop_duplicates("rule").sort_values("rule")
-    return {**arrays, "alphas": rules["alpha"].to_numpy(), "betas": rules["beta"].to_numpy(),
-            "lengths": [int(n) for n in lengths]}
 
 
 def density_budgets(value, lengths) -> dict[int, float]:
@@ -66,11 +36,11 @@ def density_budgets(value, lengths) -> dict[int, float]:
 
 
 @stage("optimize", requires=("rules",), config_keys=("sparse", "rules", "optimize"),
-       outputs=("optimize/front.json", "plans/"))
+       outputs=("optimize/", "plans/"))
 def run_optimize(ctx):
     """Solve the plan MILP's Pareto front over profile lengths and write one plan file per point."""
     opt = ctx.cfg.optimize
-    table = load_loss_table(ctx.run_dir / "rules" / "loss_table.parquet")
+    table = ctx.artifacts.load_loss_table()
     lengths = table["lengths"]
     budgets = density_budgets(opt.density_budget, lengths)
     ratio = None if opt.lower_bound_ratio is None else float(opt.lower_bound_ratio)
@@ -81,30 +51,29 @@ def run_optimize(ctx):
     )
     loaded = ctx.load_model()
     info = describe_model(loaded)
-    plans_dir = ctx.run_dir / "plans"
+    plans_dir = ctx.artifacts.plans_dir
     plans_dir.mkdir(parents=True, exist_ok=True)
     for stale in plans_dir.glob("plan_*.json"):
         stale.unlink()
     summaries = []
     for i, candidate in enumerate(front):
         plan = _plan(ctx, candidate, table, budgets, info)
-        path = plans_dir / f"plan_{i}.json"
+        path = ctx.artifacts.candidate_plan(i)
         save_plan(validate_plan(plan, loaded), path)
         metrics = {f"{key}@{n}": plan.expected[n][key] for n in lengths
                    for key in ("kv_density", "attention_density", "influence_loss")}
-        with mlflow.start_run(run_name=f"plan_{i}", nested=True) as candidate_run:
-            mlflow.set_tags({"kind": "plan_candidate", "plan_index": str(i)})
-            ctx.log_params({"solver": candidate.solver, "status": candidate.status, "gap": candidate.gap,
-                            "primary_length": lengths[candidate.primary], "plan": str(path)})
-            ctx.log_metrics(metrics)
-            ctx.log_artifact(path)
-        summaries.append({"plan": str(path.relative_to(ctx.run_dir)), "mlflow_run_id": candidate_run.info.run_id,
+        with ctx.child_run(f"plan_{i}", tags={"kind": "plan_candidate", "plan_index": str(i)}) as candidate_run:
+            candidate_run.log_params({"solver": candidate.solver, "status": candidate.status, "gap": candidate.gap,
+                                      "primary_length": lengths[candidate.primary], "plan": str(path)})
+            candidate_run.log_metrics(metrics)
+            candidate_run.log_artifact(path)
+        summaries.append({"plan": str(path.relative_to(ctx.run_dir)), "mlflow_run_id": candidate_run.run_id,
                           "status": candidate.status,
                           "flagged": candidate.flagged, "gap": candidate.gap, "seconds": candidate.seconds,
                           "primary_length": lengths[candidate.primary],
                           "epsilon": {n: e for n, e in zip(lengths, candidate.epsilon, strict=True) if e is not None},
                           **metrics})
-    write_json(ctx.stage_dir / "front.json", {
+    write_json(ctx.artifacts.front, {
         "density_budget": budgets, "lower_bound_ratio": ratio, "max_rules_per_layer": int(opt.max_rules_per_layer),
         "solver": str(opt.solver), "points": int(opt.points), "plans": summaries,
     })

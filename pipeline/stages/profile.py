@@ -70,7 +70,7 @@ class ProfileSettings:
 
 
 @stage("profile", requires=("calibrate",), config_keys=("sparse", "calibration", "profile"),
-       outputs=("profile/summary.json",))
+       outputs=("profile/",))
 def run_profile(ctx):
     """Profile per-head attention influence at every profile length."""
     settings = ProfileSettings.from_cfg(ctx.cfg)
@@ -85,16 +85,16 @@ def run_profile(ctx):
     ctx.log_metrics({"skipped_samples": skipped})
     summary = {"model": loaded.info.name, "fingerprint": loaded.info.fingerprint, "block_size": settings.block_size,
                "granularity": settings.granularity, "lengths": results}
-    write_json(ctx.stage_dir / "summary.json", summary)
+    write_json(ctx.artifacts.profile_summary, summary)
     return {"lengths": list(settings.lengths), "skipped_samples": skipped}
 
 
 def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict:
     """Average influence at length ``n``, resuming from a partial file; returns this length's summary."""
     info = loaded.info
-    source = ctx.run_dir / "calibrate" / f"calibration_{n}.safetensors"
-    samples = _load_calibration(source, n)
-    target = ctx.stage_dir / f"influence_{n}.safetensors"
+    source = ctx.artifacts.calibration(n)
+    samples = ctx.artifacts.load_calibration(n)
+    target = ctx.artifacts.influence(n)
     expected = {"fingerprint": str(info.fingerprint), "block_size": str(settings.block_size),
                 "granularity": settings.granularity, "length": str(n), "dtype": settings.dtype,
                 "calibration_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
@@ -107,7 +107,7 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict:
     heads = info.num_kv_heads if settings.granularity == "kv_head" else info.num_heads
     nb = math.ceil(n / settings.block_size)
     # The runner clears .partial/<other config hashes> (and all of it on force=true).
-    partial_path = ctx.stage_dir / ".partial" / ctx.config_hash / f"partial_{n}.safetensors"
+    partial_path = ctx.partial_dir / f"partial_{n}.safetensors"
     state = _load_partial(partial_path, expected) or {
         "total": torch.zeros(info.num_layers, heads, nb, nb, dtype=torch.float64),
         "next": 0, "used": 0, "skipped": 0, "seconds": 0.0,
@@ -184,30 +184,10 @@ def _length_summary(ctx, influence: torch.Tensor, metadata: dict[str, str], n: i
         ctx.log_metrics({f"layer_influence_mass@{n}": row["influence_mass"],
                          f"layer_long_range_share@{n}": row["long_range_share"]}, step=layer)
     figure = long_range_heatmap(fractions, n, min_distance)
-    with atomic_path(ctx.stage_dir / f"long_range_{n}.png") as tmp:
+    with atomic_path(ctx.artifacts.long_range_figure(n)) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     ctx.log_figure(figure, f"long_range_{n}.png")
     return summary
-
-
-def _load_calibration(source: Path, n: int) -> dict[str, torch.Tensor]:
-    """The calibration tensors at length ``n``, checked for shape; a clear UserError when missing or empty."""
-    if not source.exists():
-        raise UserError(f"missing calibration file {source}: run stage=calibrate first (profile length {n})")
-    samples = load_file(source)
-    missing = {"input_ids", "loss_mask", "lengths"} - samples.keys()
-    if missing:
-        raise UserError(f"calibration file {source} lacks tensors {sorted(missing)}: re-run stage=calibrate")
-    ids = samples["input_ids"]
-    if ids.ndim != 2 or ids.shape[0] == 0:
-        raise UserError(f"calibration file {source} holds no samples: re-run stage=calibrate for length {n}")
-    if ids.shape[1] != n or samples["loss_mask"].shape != ids.shape or samples["lengths"].shape != ids.shape[:1]:
-        raise UserError(f"calibration file {source} has input_ids {list(ids.shape)}, expected [S, {n}] with "
-                        f"matching loss_mask and lengths: re-run stage=calibrate")
-    lengths = samples["lengths"]
-    if bool(((lengths < 1) | (lengths > n)).any()):
-        raise UserError(f"calibration file {source} has sample lengths outside 1..{n}: re-run stage=calibrate")
-    return samples
 
 
 def _metadata(path: Path) -> dict[str, str] | None:

@@ -22,15 +22,21 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     """Top-level config sections that change this stage's result (``model`` is always included)."""
     outputs: tuple[str, ...] = ()
-    """Paths relative to ``run_dir`` that must exist for the stage to count as done."""
+    """Paths relative to ``run_dir`` (files, or folders ending in ``/``) that the stage writes. They must exist
+    for the stage to count as done, and their content digest is recorded in its completion marker."""
     uses_model: bool = True
+    device_bound: bool = True
+    """Whether the result depends on the device it was computed on (then the device is part of the hash)."""
+    module: str = ""
+    """The module defining the stage: its source (and its project imports) is part of the hash."""
     doc: str = field(default="")
 
 
 _REGISTRY: dict[str, Stage] = {}
 
 
-def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: bool = True):
+def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: bool = True,
+          device_bound: bool | None = None):
     """Decorator registering ``fn`` as the implementation of stage ``name``."""
     if name not in STAGE_ORDER:
         raise ValueError(f"unknown stage name {name!r}")
@@ -43,6 +49,8 @@ def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: boo
             config_keys=tuple(config_keys),
             outputs=tuple(outputs),
             uses_model=uses_model,
+            device_bound=uses_model if device_bound is None else device_bound,
+            module=fn.__module__,
             doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
         )
         return fn

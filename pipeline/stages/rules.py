@@ -8,13 +8,10 @@ mask, see :mod:`pipeline.rules.loss_table` for how partly kept blocks are apport
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-from safetensors import safe_open
 
+from pipeline.artifacts import profile_lengths
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_parquet
 from pipeline.rules.figures import beta_histogram, span_vs_length
@@ -24,34 +21,14 @@ from pipeline.rules.scaling import head_scaling_table
 from pipeline.stages.registry import stage
 
 
-def profile_lengths(cfg) -> list[int]:
-    """The planned lengths: ``profile.lengths``, or ``calibration.lengths`` when the former is absent."""
-    lengths = cfg.profile.get("lengths") if "profile" in cfg else None
-    lengths = cfg.calibration.lengths if lengths is None else lengths
-    return sorted(int(n) for n in lengths)
-
-
-def load_influence(run_dir: Path, n: int, block_size: int, sink: int) -> BlockInfluence:
-    """Read ``profile/influence_<n>.safetensors`` and reduce it to diagonal sums."""
-    path = run_dir / "profile" / f"influence_{n}.safetensors"
-    if not path.is_file():
-        raise UserError(f"missing influence file {path} for profile length {n}: run stage=profile first")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if "influence" not in handle.keys():
-            raise UserError(f"{path} holds no tensor 'influence': re-run stage=profile")
-        influence = handle.get_tensor("influence")
-    if meta.get("block_size") not in (None, str(block_size)):
-        raise UserError(f"{path} was profiled with block size {meta['block_size']}, but sparse.block_size={block_size}")
-    nb = math.ceil(n / block_size)
-    if influence.dim() != 4 or tuple(influence.shape[-2:]) != (nb, nb):
-        raise UserError(f"{path} has shape {tuple(influence.shape)}, expected [L, H, {nb}, {nb}] for N={n}, "
-                        f"block {block_size}: re-run stage=profile")
+def load_influence(ctx, n: int, block_size: int, sink: int) -> BlockInfluence:
+    """``profile/influence_<n>.safetensors`` reduced to diagonal sums."""
+    influence, _ = ctx.artifacts.load_influence(n, block_size)
     return BlockInfluence.from_blocks(influence, n, block_size, sink)
 
 
 @stage("rules", requires=("profile",), config_keys=("sparse", "rules", "profile"),
-       outputs=("rules/loss_table.parquet", "rules/head_scaling.csv"), uses_model=False)
+       outputs=("rules/",), uses_model=False)
 def run_rules(ctx):
     """Score every elastic rule on every head at every profile length, and fit per-head span scaling."""
     cfg = ctx.cfg
@@ -68,15 +45,15 @@ def run_rules(ctx):
 
     frames, needed = [], {c: {} for c in coverages}
     for n in ctx.progress(lengths, desc="rules"):
-        blocks = load_influence(ctx.run_dir, n, block, sink)
+        blocks = load_influence(ctx, n, block, sink)
         frames.append(rule_table(blocks, alphas, betas, min_span))
         for coverage in coverages:
             needed[coverage][n] = blocks.needed_span(coverage)
     table = pd.concat(frames, ignore_index=True)
     scaling = head_scaling_table(needed)
-    write_parquet(ctx.stage_dir / "loss_table.parquet", table)
-    write_csv(ctx.stage_dir / "head_scaling.csv", scaling)
-    ctx.log_artifact(ctx.stage_dir / "head_scaling.csv")
+    write_parquet(ctx.artifacts.loss_table, table)
+    write_csv(ctx.artifacts.head_scaling, scaling)
+    ctx.log_artifact(ctx.artifacts.head_scaling)
 
     shown = scaling[scaling["coverage"] == report]
     local = int((shown["beta"] < float(cfg.rules.local_beta)).sum())

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from safetensors.torch import load_file
 
 from pipeline import io
+from pipeline.artifacts import profile_lengths
 from pipeline.calibration.builder import build_samples, pack, pad_token_id
 from pipeline.errors import UserError
 from pipeline.evaluation.perplexity import perplexity
-from pipeline.plan import Plan, kv_density, load_plan, save_plan
-from pipeline.sparse_runtime import apply_plan, remove_plan
+from pipeline.plan import Plan, load_plan, plan_attention_density, plan_kv_density, save_plan
+from pipeline.sparse_runtime import plan_applied
 from pipeline.stages.registry import stage
 
 SPLIT = "validation"
 
 
 def validation_length(cfg) -> int:
-    """``validate.length``, or by default the midpoint of the two longest profile lengths, on a block boundary."""
-    profile_lengths = sorted(int(n) for n in cfg.calibration.lengths)
+    """``validate.length``, or by default the midpoint of the two longest profile lengths, on a block boundary.
+
+    The profile lengths are those the plans were profiled at (``profile.lengths``), so the length is unseen."""
+    profiled = profile_lengths(cfg)
     if cfg.validate.get("length"):
         length = int(cfg.validate.length)
-    elif len(profile_lengths) >= 2:
+    elif len(profiled) >= 2:
         block = int(cfg.sparse.block_size)
-        length = (profile_lengths[-2] + profile_lengths[-1]) // 2 // block * block
+        length = (profiled[-2] + profiled[-1]) // 2 // block * block
     else:
         raise UserError("validate.length: set it explicitly when there is a single profile length")
-    if length in profile_lengths:
+    if length in profiled:
         raise UserError(f"validate.length: {length} is a profile length; validation needs an unseen length")
     return length
 
 
 def heldout_samples(ctx, length: int) -> dict:
     """Held-out samples (disjoint seed stream) answered greedily by the dense model; built once, then reused."""
-    path = ctx.stage_dir / f"heldout_{length}.safetensors"
+    path = ctx.artifacts.heldout(length)
     if not ctx.force and io.tensors_saved_for(path, ctx.config_hash):
         return load_file(str(path))
     loaded = ctx.load_model()
@@ -54,19 +55,27 @@ def heldout_samples(ctx, length: int) -> dict:
 
 def _uniform_like(plan: Plan, info, length: int) -> Plan:
     """The uniform plan (one span for every head) with the same KV density as ``plan`` at ``length``."""
-    target = kv_density(plan, length)
+    target = plan_kv_density(plan, length)
     span = max(plan.min_span, round(target * length) - plan.sink)
     return Plan.uniform(info, span / length, sink=plan.sink, min_span=plan.min_span, block_size=plan.block_size,
                         granularity=plan.granularity, lengths=[length])
 
 
-@stage("validate", requires=("optimize",), config_keys=("sparse", "calibration", "validate"),
-       outputs=("plan.json", "validate/results.csv"))
+def _row(name: str, plan: Plan | None, length: int, ppl: float, dense_ppl: float) -> dict:
+    return {"plan": name,
+            "kv_density": 1.0 if plan is None else plan_kv_density(plan, length),
+            "attention_density": 1.0 if plan is None else plan_attention_density(plan, length),
+            "val_ppl": ppl, "ppl_ratio_vs_dense": ppl / dense_ppl}
+
+
+@stage("validate", requires=("optimize",), config_keys=("sparse", "calibration", "profile", "validate"),
+       outputs=("plan.json", "validate/"))
 def run_validate(ctx):
     """Response-masked perplexity of every Pareto plan at an unseen length; the best becomes run_dir/plan.json."""
-    plan_paths = sorted((ctx.run_dir / "plans").glob("plan_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    artifacts = ctx.artifacts
+    plan_paths = artifacts.candidate_plans()
     if not plan_paths:
-        raise UserError(f"no candidate plans under {ctx.run_dir / 'plans'}: run stage=optimize first")
+        raise UserError(f"no candidate plans under {artifacts.plans_dir}: run stage=optimize first")
     length = validation_length(ctx.cfg)
     data = heldout_samples(ctx, length)
     loaded = ctx.load_model()
@@ -74,55 +83,52 @@ def run_validate(ctx):
     backend = str(ctx.cfg.validate.backend)
     scored = lambda: perplexity(model, data["input_ids"], data["loss_mask"], data["lengths"])  # noqa: E731
 
+    def scored_with(plan: Plan) -> float:
+        with plan_applied(model, plan, backend=backend, info=info):
+            return scored()
+
     dense_ppl = scored()
-    rows = [{"plan": "dense", "kv_density": 1.0, "val_ppl": dense_ppl, "ppl_ratio_vs_dense": 1.0}]
-    for path in ctx.progress(plan_paths, desc="validate plans"):
-        plan = load_plan(path)
-        apply_plan(model, plan, backend=backend, info=info)
-        try:
-            ppl = scored()
-        finally:
-            remove_plan(model)
-        rows.append({"plan": path.name, "kv_density": kv_density(plan, length), "val_ppl": ppl, "ppl_ratio_vs_dense": ppl / dense_ppl})
-    candidates = [r for r in rows if r["plan"] != "dense"]
+    rows = [_row("dense", None, length, dense_ppl, dense_ppl)]
+    plans = {path.name: _load(path, info) for path in plan_paths}
+    for name, plan in ctx.progress(plans.items(), desc="validate plans"):
+        rows.append(_row(name, plan, length, scored_with(plan), dense_ppl))
+    candidates = rows[1:]
     best = min(candidates, key=lambda r: (r["val_ppl"], r["kv_density"]))
-    best_plan = load_plan(ctx.run_dir / "plans" / best["plan"])
+    best_plan = plans[best["plan"]]
     uniform = _uniform_like(best_plan, info, length)
-    apply_plan(model, uniform, backend=backend, info=info)
-    try:
-        uniform_ppl = scored()
-    finally:
-        remove_plan(model)
-    rows.append({"plan": "uniform@best_density", "kv_density": kv_density(uniform, length), "val_ppl": uniform_ppl,
-                 "ppl_ratio_vs_dense": uniform_ppl / dense_ppl})
+    rows.append(_row("uniform@best_density", uniform, length, scored_with(uniform), dense_ppl))
+    uniform_ppl = rows[-1]["val_ppl"]
 
     frame = pd.DataFrame(rows)
     frame.insert(1, "length", length)
-    io.write_csv(ctx.stage_dir / "results.csv", frame)
-    save_plan(best_plan, ctx.run_dir / "plan.json")
+    io.write_csv(artifacts.validation_results, frame)
+    save_plan(best_plan, artifacts.selected_plan)
     _log_candidates(ctx, candidates, length)
     ctx.log_metrics({"dense_val_ppl": dense_ppl, "best_val_ppl": best["val_ppl"], "uniform_val_ppl": uniform_ppl,
                      f"best_kv_density@{length}": best["kv_density"],
                      "best_ppl_ratio_vs_dense": best["val_ppl"] / dense_ppl,
                      "uniform_ppl_ratio_vs_dense": uniform_ppl / dense_ppl})
-    mlflow.set_tag("selected_plan", best["plan"])
-    ctx.log_artifact(ctx.stage_dir / "results.csv")
-    ctx.log_artifact(ctx.run_dir / "plan.json")
+    ctx.set_tags({"selected_plan": best["plan"]})
+    ctx.log_artifact(artifacts.validation_results)
+    ctx.log_artifact(artifacts.selected_plan)
     print(frame.to_string(index=False), flush=True)
     return {"selected": best["plan"], "length": length, "dense_ppl": dense_ppl, "best_ppl": best["val_ppl"], "uniform_ppl": uniform_ppl}
 
 
 def _log_candidates(ctx, candidates: list[dict], length: int) -> None:
     """Attach ``val_ppl`` to each candidate's MLflow run when the optimize stage recorded its run id."""
-    front = ctx.run_dir / "optimize" / "front.json"
-    run_ids = {}
-    if front.is_file():
-        for entry in json.loads(Path(front).read_text()).get("plans", []):
-            if entry.get("mlflow_run_id") and entry.get("plan"):
-                run_ids[Path(entry["plan"]).name] = entry["mlflow_run_id"]
-    client = mlflow.tracking.MlflowClient()
+    run_ids = {Path(entry["plan"]).name: entry["mlflow_run_id"] for entry in ctx.artifacts.load_front().get("plans", [])
+               if entry.get("mlflow_run_id") and entry.get("plan")}
     for row in candidates:
         ctx.log_metrics({f"val_ppl/{row['plan']}": row["val_ppl"]})
         if row["plan"] in run_ids:
-            client.log_metric(run_ids[row["plan"]], "val_ppl", row["val_ppl"])
-            client.log_metric(run_ids[row["plan"]], f"kv_density:{length}", row["kv_density"])
+            ctx.logger(run_ids[row["plan"]]).log_metrics({"val_ppl": row["val_ppl"],
+                                                          f"kv_density@{length}": row["kv_density"],
+                                                          f"attention_density@{length}": row["attention_density"]})
+
+
+def _load(path: Path, info) -> Plan:
+    try:
+        return load_plan(path, info)
+    except ValueError as err:
+        raise UserError(str(err)) from None
