@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -11,18 +10,25 @@ import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
+from safetensors.torch import load_file
 
-from pipeline.plan import kv_density, load_plan
+from pipeline.plan import load_plan, plan_kv_density
+from pipeline.report import final_summary
+from pipeline.run import compose
 from tests.pipeline_helpers import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_BENCH = ("benchmark.seq_lens=[512]", "benchmark.repeats=2", "benchmark.backends=[dense,cpu]", "benchmark.decode_repeats=3")
+# Calibrated at three lengths but profiled at two: the unseen validation length (the midpoint of the two longest
+# profile lengths, 1152) is a calibration length, so held-out and calibration samples of one length exist side by side.
+LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]")
+VALIDATION_LENGTH = 1152
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "runs"
-    outcome = run_stage(run_dir, "stage=all", *QUICK_BENCH)
+    outcome = run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
     return run_dir, outcome
 
 
@@ -31,7 +37,7 @@ def test_stage_all_runs_every_implemented_stage_then_skips(full_run):
     for name in ("calibrate", "profile", "rules", "optimize", "validate", "benchmark"):
         assert outcome[name] == "ran", outcome
     assert all(v == "unavailable" for k, v in outcome.items() if k in ("evaluate", "adapters"))
-    again = run_stage(run_dir, "stage=all", *QUICK_BENCH)
+    again = run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
     assert {k: v for k, v in again.items() if v != "unavailable"} == dict.fromkeys(
         ("calibrate", "profile", "rules", "optimize", "validate", "benchmark"), "skipped")
 
@@ -45,9 +51,36 @@ def test_validation_selects_the_lowest_perplexity_candidate(full_run):
     selected = load_plan(run_dir / "plan.json")
     assert selected.to_dict() == load_plan(run_dir / "plans" / best).to_dict()
     length = int(results["length"].iloc[0])
-    assert length not in selected.profile_lengths
+    assert length == VALIDATION_LENGTH and length not in selected.profile_lengths
     uniform = results[results["plan"].str.startswith("uniform")].iloc[0]
-    assert abs(uniform["kv_density"] - kv_density(selected, length)) < 0.02  # baseline at the same density
+    assert abs(uniform["kv_density"] - plan_kv_density(selected, length)) < 0.02  # baseline at the same density
+
+
+def _prompts(data: dict) -> list[tuple[int, ...]]:
+    """Each sample's prompt tokens: everything before its first response (loss-mask) token."""
+    starts = data["loss_mask"].argmax(dim=1)
+    return [tuple(row[:start].tolist()) for row, start in zip(data["input_ids"], starts, strict=True)]
+
+
+def test_no_held_out_sample_is_a_calibration_sample(full_run):
+    run_dir, _ = full_run
+    heldout = _prompts(load_file(run_dir / "validate" / f"heldout_{VALIDATION_LENGTH}.safetensors"))
+    calibration = _prompts(load_file(run_dir / "calibrate" / f"calibration_{VALIDATION_LENGTH}.safetensors"))
+    assert heldout and calibration
+    assert not set(heldout) & set(calibration)
+
+
+def test_stage_all_ends_with_a_summary_of_the_selected_plan(full_run, capsys):
+    run_dir, _ = full_run
+    results = pd.read_csv(run_dir / "validate" / "results.csv").set_index("plan")
+    best = results[results.index.str.startswith("plan_")]["val_ppl"].idxmin()
+    run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
+    printed = capsys.readouterr().out
+    summary = final_summary(compose(["model=tiny", f"run_dir={run_dir}"]), run_dir)
+    assert summary.strip() in printed
+    assert f"({best}," in summary and str(run_dir / "plan.json") in summary
+    assert f"{results.loc[best, 'val_ppl']:.4f}" in summary and f"{results.loc['dense', 'val_ppl']:.4f}" in summary
+    assert f"make ui RUN_DIR={run_dir}" in summary
 
 
 def test_candidate_runs_carry_their_validation_perplexity(full_run):
@@ -73,4 +106,6 @@ def test_fronts_notebook_executes_on_the_run(full_run, monkeypatch):
     assert "candidate plans at lengths" in text and "no plan candidates yet" not in text
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 3, "Pareto front, validation and benchmark figures"
-    assert os.environ.get("MOA_RUN_DIR") == str(run_dir)
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    count = len(mlflow.search_runs(experiment_names=["moa-autotune"]))
+    assert f"{run_dir.resolve()} {count} runs" in text, "the notebook must read this run's store"

@@ -7,6 +7,7 @@ Generated rules that fail at some planned length are dropped; explicitly listed 
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from pipeline.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGED_PREFIX = "search_spaces/"
 GRID_KEYS = {"sink", "min_span", "alpha", "beta", "rules", "filter"}
 
 
@@ -26,12 +27,16 @@ class Rule:
     beta: float
 
 
-def resolve_grid_path(path: str) -> Path:
-    """``path`` as given if it exists, else relative to the repository root (where the default grid lives)."""
+def resolve_grid_path(path: str):
+    """``path`` as given if that file exists; else ``search_spaces/<name>`` is the grid shipped in the installed
+    ``search_spaces`` package (so a non-editable install finds the default grid from any directory)."""
     candidate = Path(path)
-    for option in (candidate, REPO_ROOT / candidate):
-        if option.is_file():
-            return option
+    if candidate.is_file():
+        return candidate
+    if path.startswith(PACKAGED_PREFIX):
+        packaged = importlib.resources.files("search_spaces").joinpath(path[len(PACKAGED_PREFIX):])
+        if packaged.is_file():
+            return packaged
     raise UserError(f"rules.grid: grid file {path} not found")
 
 
