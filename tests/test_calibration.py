@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.calibration.builder import chat_ids, make_item
-from pipeline.calibration.tasks import TASKS, item_rng
+from pipeline.calibration.tasks import TASKS
 from pipeline.models import byte_tokenizer, load_model
 from pipeline.run import compose
 from tests.pipeline_helpers import run_stage
@@ -72,9 +72,3 @@ def test_answer_is_stated_far_back_in_the_prompt(task):
     assert len(chat_ids(tokenizer, item.prompt)) <= 2048 - 16
     position = item.prompt.find(item.answer)
     assert 0 <= position < len(item.prompt) - 150, "the answer must appear in the context, not next to the question"
-
-
-def test_calibration_and_evaluation_streams_are_disjoint():
-    a = item_rng("calibration", "kv_lines", 1024, 0, 0).random()
-    b = item_rng("evaluation", "kv_lines", 1024, 0, 0).random()
-    assert a != b

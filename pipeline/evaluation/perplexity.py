@@ -5,30 +5,30 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from pipeline.evaluation.response_loss import CHUNK_SIZE, loss_targets, sequence_nll
 
 
 @torch.no_grad()
-def response_nll(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, lengths: torch.Tensor) -> tuple[float, int]:
+def response_nll(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, lengths: torch.Tensor, *,
+                 chunk_size: int = CHUNK_SIZE) -> tuple[float, int]:
     """Summed negative log-likelihood of the masked tokens and their count, one sample at a time.
 
     input_ids, loss_mask: ``[S, N]`` (tail-padded); lengths: ``[S]`` real tokens. The token at ``t`` counts when
     ``loss_mask[t] == 1`` and is predicted from position ``t - 1``. Each sample runs at its real length, so a
-    sparse plan sees ``N = lengths[s]``.
+    sparse plan sees ``N = lengths[s]``; the output head runs on at most ``chunk_size`` response positions at a
+    time, never on all ``N``.
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for row in range(input_ids.shape[0]):
         n = int(lengths[row])
-        tokens = input_ids[row, :n].unsqueeze(0).to(device)  # (1, n)
-        targets_mask = loss_mask[row, 1:n].bool().to(device)  # (n-1,)
-        if not targets_mask.any():
+        if loss_targets(loss_mask[row, :n]).numel() == 0:
             continue
-        logits = model(tokens, use_cache=False).logits[0, :-1]  # (n-1, V)
-        scored = logits[targets_mask].to(torch.float64)  # (R, V): only the response rows, in full precision
-        nll = F.cross_entropy(scored, tokens[0, 1:][targets_mask], reduction="sum")
+        tokens = input_ids[row, :n].to(device)  # (n,)
+        nll, scored = sequence_nll(model, tokens, loss_mask[row, :n].to(device), chunk_size=chunk_size)
         total += float(nll)
-        count += int(targets_mask.sum())
+        count += scored
     return total, count
 
 
