@@ -21,7 +21,7 @@ import kernels
 from kernels.decode import packed_decode_attention
 from kernels.flex import moa_attention_flex
 from kernels.kv_cache import PerHeadLayer
-from kernels.pattern import kept_pairs
+from kernels.pattern import kept_pairs, kv_density
 
 PREFILL_BACKENDS = ("dense", "flex", "cpu", "triton")
 DECODE_BACKENDS = ("torch", "triton")
@@ -85,9 +85,16 @@ def median_ratio(baseline: list[float], times: list[float]) -> float:
     return statistics.median(b / t for b, t in zip(baseline, times, strict=True))
 
 
-def spans_for(n: int, fraction: float, heads: int) -> torch.Tensor:
+def uniform_spans(n: int, fraction: float, heads: int) -> torch.Tensor:
     """Every head at span ``fraction * n`` (at least 1): the density axis of the sweep."""
     return torch.full((heads,), max(1, min(n, round(fraction * n))), dtype=torch.int64)
+
+
+def spans_kv_density(query_spans: torch.Tensor, kv_heads: int, sink: int, n: int) -> float:
+    """DESIGN's KV density from query-head spans ``[Hq]`` alone: the mean over KV heads of
+    ``min(sink + S_kv, n) / n``, ``S_kv`` the largest span of the KV head's query-head group."""
+    group_max = query_spans.view(kv_heads, -1).amax(dim=1)  # (Hkv,)
+    return sum(kv_density(n, int(s), sink) for s in group_max) / kv_heads
 
 
 def masked_rows_reference(q, k, v, spans, sink, rows: torch.Tensor) -> torch.Tensor:
@@ -133,7 +140,7 @@ def prefill_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = it
                     for _ in range(2))
             err_rows = torch.linspace(0, n - 1, min(n, s.error_rows)).round().long().unique()
             n_inputs = n
-        spans = spans_for(n, fraction, s.heads)
+        spans = uniform_spans(n, fraction, s.heads)
         span = int(spans[0])
         pairs = kept_pairs(n, span, s.sink)
         expected = masked_rows_reference(q, k, v, spans, s.sink, err_rows)
@@ -185,7 +192,7 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
 
     The cache is filled by a prefill of ``N`` random tokens; every timed step writes one more token and runs
     :func:`kernels.decode.packed_decode_attention`. KV bytes are the cache's allocated buffers, compared with the
-    plan's KV density times the dense bytes."""
+    KV density formula (:func:`spans_kv_density`, from the spans alone) times the dense bytes."""
     gen = torch.Generator().manual_seed(s.seed + 1)
     itemsize = torch.empty((), dtype=s.dtype).element_size()
     group = s.heads // s.kv_heads
@@ -194,9 +201,10 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
     dense_ms = {}
     for n, fraction, backend in progress(grid):
         total = n + s.warmup + s.decode_repeats + 2  # room for every timed step
-        kv_spans = spans_for(n, fraction, s.kv_heads) if fraction < 1.0 else torch.full((s.kv_heads,), total)
-        layer = PerHeadLayer(kv_spans.repeat_interleave(group), kv_spans, s.sink, total, batch_size=s.batch,
-                             head_dim=s.head_dim, dtype=s.dtype, device=s.device)
+        kv_spans = uniform_spans(n, fraction, s.kv_heads) if fraction < 1.0 else torch.full((s.kv_heads,), total)
+        query_spans = kv_spans.repeat_interleave(group)  # (Hq,)
+        layer = PerHeadLayer(query_spans, kv_spans, s.sink, total, batch_size=s.batch, head_dim=s.head_dim,
+                             dtype=s.dtype, device=s.device)
         prompt = torch.randn(2, s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
         layer.update(prompt[0], prompt[1])  # prefill: (B, Hkv, N, D) into each head's sink + ring
         q = torch.randn(s.batch, s.heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
@@ -216,6 +224,7 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
             dense_ms[(n, backend)] = lat["latency_ms_p50"]
         kept = sum(layer.capacities)
         dense_bytes = s.batch * s.kv_heads * total * s.head_dim * 2 * itemsize
+        expected_bytes = dense_bytes * spans_kv_density(query_spans, s.kv_heads, s.sink, total)  # not from the cache
         rows.append({
             "section": "decode", "backend": f"decode-{backend}" if fraction < 1.0 else f"decode-{backend}-dense",
             "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""), "seq_len": n,
@@ -230,7 +239,7 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
             "max_abs_err": err,
             "gflops": 4.0 * kept * group * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
             "kv_cache_mb": layer.nbytes_allocated / 2**20,
-            "kv_bytes_vs_density": layer.nbytes_allocated / (dense_bytes * kept / (total * s.kv_heads)),
+            "kv_bytes_vs_density": layer.nbytes_allocated / expected_bytes,
         })
     return rows
 

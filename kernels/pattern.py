@@ -2,6 +2,10 @@
 
 A rule ``(alpha, beta)`` has span ``S(N) = clamp(alpha + beta * N, min_span, N)`` at sequence length ``N``.
 Query ``i`` keeps key ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j < S``).
+
+Two optional integers generalise the span, for plans imported from the original MoA release (see
+:mod:`pipeline.plan`): ``S(N) = clamp(ceil_m(floor(alpha + beta * N)) + offset, min_span, N)``, where ``ceil_m``
+rounds up to a multiple of ``multiple``. The defaults (``multiple=1, offset=0``) give the formula above.
 """
 
 from __future__ import annotations
@@ -11,17 +15,24 @@ import math
 import torch
 
 
-def span_at(alpha: float, beta: float, n: int, min_span: int = 1) -> int:
-    """Span of rule ``(alpha, beta)`` at length ``n``: ``clamp(alpha + beta * n, min_span, n)``, as an int."""
+def span_at(alpha: float, beta: float, n: int, min_span: int = 1, multiple: int = 1, offset: int = 0) -> int:
+    """Span of rule ``(alpha, beta)`` at length ``n``: ``clamp(alpha + beta * n, min_span, n)``, as an int.
+
+    With ``multiple`` or ``offset`` set, ``floor(alpha + beta * n)`` is first rounded up to a multiple of
+    ``multiple``, then ``offset`` is added (in integers)."""
     raw = math.floor(alpha + beta * n)
+    raw = -(-raw // multiple) * multiple + offset
     return int(max(min(raw, n), min(min_span, n)))
 
 
-def spans_at(alphas, betas, n: int, min_span: int = 1) -> torch.Tensor:
+def spans_at(alphas, betas, n: int, min_span: int = 1, multiple: int = 1, offset: int = 0) -> torch.Tensor:
     """Vectorised :func:`span_at` for per-head ``alphas``/``betas`` (any shape); returns int64 of that shape."""
     a = torch.as_tensor(alphas, dtype=torch.float64)
     b = torch.as_tensor(betas, dtype=torch.float64)
     raw = torch.floor(a + b * n)
+    if multiple != 1 or offset:  # in exact integers; values beyond +-2^52 end at the final clamp anyway
+        raw = raw.clamp(min=-(2.0**52), max=2.0**52).to(torch.int64)
+        raw = (raw + multiple - 1).div(multiple, rounding_mode="floor") * multiple + offset
     return raw.clamp(min=min(min_span, n), max=n).to(torch.int64)
 
 

@@ -12,7 +12,7 @@ from kernels.pattern import kept_pairs
 from kernels.reference import moa_attention_reference
 from pipeline.errors import UserError
 from pipeline.run import compose, main
-from pipeline.stages.benchmark import settings_from
+from pipeline.settings import bench_settings
 from tests.pipeline_helpers import run_stage
 
 QUICK = ("stage=benchmark", "benchmark.seq_lens=[200]", "benchmark.densities=[0.25,0.5]", "benchmark.repeats=2",
@@ -60,7 +60,7 @@ def test_benchmark_stage_writes_csv_and_logs_every_row(tmp_path):
 ])
 def test_benchmark_bad_values_name_the_key(override, key):
     with pytest.raises(UserError, match=key):
-        settings_from(compose(["model=tiny", *QUICK, override]))
+        bench_settings(compose(["model=tiny", *QUICK, override]))
 
 
 def test_benchmark_bad_value_exits_2_with_one_line(tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_timing_percentiles_are_ordered_and_rows_reference_is_exact():
     spans, rows = torch.tensor([3, 90, 20, 1]), torch.tensor([0, 5, 44, 89])
     expected = moa_attention_reference(q, k, v, spans, 5)[:, :, rows]
     torch.testing.assert_close(bench.masked_rows_reference(q, k, v, spans, 5, rows), expected)
-    assert bench.spans_for(100, 0.004, 2).tolist() == [1, 1]  # never a zero span
+    assert bench.uniform_spans(100, 0.004, 2).tolist() == [1, 1]  # never a zero span
 
 
 @pytest.mark.slow
@@ -106,7 +106,7 @@ def test_prefill_speedups_are_medians_of_per_round_ratios(monkeypatch):
 
     monkeypatch.setattr(bench, "_prefill_fn", fake_prefill_fn)
     monkeypatch.setattr(bench, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
-    s = settings_from(compose(["model=tiny", *QUICK, "benchmark.backends=[dense,cpu]", "benchmark.warmup=0",
+    s = bench_settings(compose(["model=tiny", *QUICK, "benchmark.backends=[dense,cpu]", "benchmark.warmup=0",
                                "benchmark.repeats=5", "benchmark.densities=[0.25]"]))
     dense, cpu = bench.prefill_rows(s)
     assert calls == ["cpu"] + ["dense", "cpu"] * 5  # error check, then round-robin
@@ -114,3 +114,22 @@ def test_prefill_speedups_are_medians_of_per_round_ratios(monkeypatch):
     assert cpu["latency_ms_p50"] == pytest.approx(10.0) and dense["latency_ms_p50"] == pytest.approx(10.0)
     assert cpu["fraction_of_ideal"] == pytest.approx(2.0 / cpu["ideal_speedup"])
     assert dense["speedup_vs_dense"] == 1.0 and cpu["max_abs_err"] < 1e-6
+
+
+def test_kv_bytes_vs_density_measures_the_cache_against_the_formula(monkeypatch):
+    """``kv_bytes_vs_density`` divides the cache's allocated bytes by the KV density formula's bytes, computed from
+    the spans alone: 1 for the real cache, and (sink + S + 8) / (sink + S) for one that keeps 8 spare slots per KV
+    head."""
+    s = bench_settings(compose(["model=tiny", *QUICK, "benchmark.densities=[0.25]", "benchmark.warmup=0",
+                               "benchmark.decode_repeats=1"]))
+    dense, sparse = bench.decode_rows(s)
+    assert dense["kv_bytes_vs_density"] == pytest.approx(1.0) and sparse["kv_bytes_vs_density"] == pytest.approx(1.0)
+
+    class Padded(bench.PerHeadLayer):
+        def __init__(self, query_spans, kv_spans, *args, **kwargs):
+            super().__init__(query_spans, kv_spans + 8, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "PerHeadLayer", Padded)
+    dense, sparse = bench.decode_rows(s)
+    assert dense["kv_bytes_vs_density"] == pytest.approx(1.0)  # capped at the total length either way
+    assert sparse["kv_bytes_vs_density"] == pytest.approx((4 + 50 + 8) / (4 + 50))

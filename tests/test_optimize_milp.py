@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from pipeline.errors import UserError
 from pipeline.optimize.front import AUGMENT, solve_front
 from pipeline.optimize.lagrange import LayerDual
+from pipeline.optimize.milp import solve_milp
 
 
 def instance(layers, heads, rules, lengths, seed):
@@ -32,8 +33,11 @@ def augmented_cost(loss, primary):
     return loss @ weights  # (L, H, R)
 
 
-def brute_force_plans(loss, kv, budgets, max_rules):
-    """Every plan with at most ``max_rules`` rules per layer that meets the budgets: choices, objectives."""
+def brute_force_plans(loss, kv, budgets, max_rules, group_size=1, lower=None):
+    """Every plan with at most ``max_rules`` rules per layer that meets the budgets: choices, objectives.
+
+    A plan's KV density is what the cache allocates: the mean over (layer, KV head) of the largest density among
+    the ``group_size`` heads sharing that KV head (:func:`grouped_density`)."""
     layers, heads, rules, _ = loss.shape
     li, hi = np.arange(layers)[:, None], np.arange(heads)[None, :]
     plans = []
@@ -41,23 +45,31 @@ def brute_force_plans(loss, kv, budgets, max_rules):
         choice = np.array(flat).reshape(layers, heads)
         if any(len(set(row)) > max_rules for row in choice):
             continue
-        if np.all(kv[li, hi, choice].mean((0, 1)) <= budgets + 1e-12):
+        density = grouped_density(kv, choice, group_size)
+        if np.all(density <= budgets + 1e-12) and (lower is None or np.all(density >= lower - 1e-12)):
             plans.append((choice, loss[li, hi, choice].sum((0, 1))))
     return plans
 
 
-@pytest.mark.parametrize(("solver", "reduce", "max_rules", "seed"),
-                         [("highs", True, 1, 0), ("highs", False, 2, 1), ("cbc", True, 2, 2), ("highs", True, 3, 3)])
-def test_front_points_are_optimal_and_undominated_by_brute_force(solver, reduce, max_rules, seed):
-    loss, kv = instance(2, 2, 3, 2, seed)
-    budgets = np.quantile(kv.mean((0, 1)), 0.6, axis=0)
-    front = solve_front(loss, kv, budgets, max_rules, solver=solver, points=8, reduce=reduce, gap_rel=0.0)
-    plans = brute_force_plans(loss, kv, budgets, max_rules)
+def grouped_density(kv, choice, group_size):
+    """``(T,)``: for each length, the mean over layers and KV heads of the group's largest chosen density."""
+    layers, heads, _, lengths = kv.shape
+    return np.array([
+        np.mean([max(kv[layer, h, choice[layer, h], t] for h in range(g * group_size, (g + 1) * group_size))
+                 for layer in range(layers) for g in range(heads // group_size)])
+        for t in range(lengths)
+    ])
+
+
+def assert_front_is_optimal(front, plans, loss, kv, budgets, max_rules, group_size=1):
+    """Every point optimal for its own epsilon problem over ``plans`` (brute force) and dominated by none."""
+    layers, heads = loss.shape[:2]
+    li, hi = np.arange(layers)[:, None], np.arange(heads)[None, :]
     assert front
-    li, hi = np.arange(2)[:, None], np.arange(2)[None, :]
     for c in front:
         assert c.status == "optimal"
         np.testing.assert_allclose(c.objectives, loss[li, hi, c.choice].sum((0, 1)))
+        np.testing.assert_allclose(c.densities, grouped_density(kv, c.choice, group_size))
         assert np.all(c.densities <= budgets + 1e-12)
         assert all(len(set(row)) <= max_rules for row in c.choice)
         for _, obj in plans:  # no feasible plan dominates a returned point
@@ -67,6 +79,58 @@ def test_front_points_are_optimal_and_undominated_by_brute_force(solver, reduce,
                     if all(e is None or obj[t] <= e + 1e-12 for t, e in enumerate(c.epsilon))]
         best = min(cost[li, hi, ch].sum() for ch in eligible)
         assert cost[li, hi, c.choice].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(("solver", "reduce", "max_rules", "seed"),
+                         [("highs", True, 1, 0), ("highs", False, 2, 1), ("cbc", True, 2, 2), ("highs", True, 3, 3)])
+def test_front_points_are_optimal_and_undominated_by_brute_force(solver, reduce, max_rules, seed):
+    loss, kv = instance(2, 2, 3, 2, seed)
+    budgets = np.quantile(kv.mean((0, 1)), 0.6, axis=0)
+    front = solve_front(loss, kv, budgets, max_rules, solver=solver, points=8, reduce=reduce, gap_rel=0.0)
+    plans = brute_force_plans(loss, kv, budgets, max_rules)
+    assert_front_is_optimal(front, plans, loss, kv, budgets, max_rules)
+
+
+@pytest.mark.parametrize(("solver", "reduce", "max_rules", "ratio", "seed"), [
+    ("highs", True, 2, None, 10), ("highs", False, 3, None, 11), ("cbc", True, 1, None, 12),
+    ("highs", True, 2, 0.97, 13), ("cbc", False, 2, 0.97, 14), ("highs", True, 3, 0.97, 15),
+])
+def test_grouped_budget_front_is_optimal_by_brute_force(solver, reduce, max_rules, ratio, seed):
+    """Rules per query head, two query heads per KV head: the budget is on each KV head's largest density (what
+    the cache allocates), so every point must be the brute-force optimum under that footprint."""
+    loss, kv = instance(2, 4, 3, 2, seed)
+    kv = kv * np.random.default_rng(seed).uniform(0.7, 1.0, (2, 4, 1, 1))  # heads differ in density too
+    lowest = np.array([grouped_density(kv, np.full((2, 4), r), 2) for r in range(3)]).min(0)  # (T,)
+    budgets = lowest + 0.45 * (kv.max(2).max((0, 1)) - lowest)
+    lower = None if ratio is None else ratio * budgets
+    front = solve_front(loss, kv, budgets, max_rules, group_size=2, solver=solver, points=8, reduce=reduce,
+                        gap_rel=0.0, lower_bound_ratio=ratio)
+    plans = brute_force_plans(loss, kv, budgets, max_rules, group_size=2, lower=lower)
+    assert_front_is_optimal(front, plans, loss, kv, budgets, max_rules, group_size=2)
+    if lower is not None:
+        assert all(np.all(c.densities >= lower - 1e-12) for c in front)
+
+
+def test_group_size_must_divide_the_heads():
+    loss, kv = instance(1, 4, 2, 1, 0)
+    with pytest.raises(ValueError, match="group_size 3"):
+        solve_front(loss, kv, [0.9], group_size=3)
+
+
+def test_solves_leak_no_file_descriptors():
+    """Each solve makes a temporary log file; its descriptor must be closed, whichever solver runs."""
+    loss, kv = instance(2, 2, 3, 1, 0)
+    cost, rows, allowed = loss[..., 0], kv[None, ..., 0] / 4, np.ones(loss.shape[:3], dtype=bool)
+
+    def solve_all():
+        for solver in ("highs", "cbc"):
+            assert solve_milp(cost, rows, np.array([0.6]), 2, allowed, solver=solver).choice is not None
+
+    solve_all()  # the solvers' own one-time set-up
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        solve_all()
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def scipy_optimum(cost, loss, kv, budgets, eps, max_rules):
@@ -167,5 +231,5 @@ def test_lagrangian_bound_never_exceeds_the_optimum():
 def test_infeasible_budget_names_the_length_and_smallest_density():
     loss, kv = instance(2, 2, 3, 2, 0)
     smallest = kv.min(2).mean((0, 1))
-    with pytest.raises(UserError, match=rf"length 2048 .* {smallest[1]:.4f}"):
+    with pytest.raises(ValueError, match=rf"length 2048 .* {smallest[1]:.4f}"):
         solve_front(loss, kv, [0.9, smallest[1] / 2], lengths=[1024, 2048])

@@ -2,8 +2,9 @@
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -14,10 +15,10 @@ from kernels.pattern import head_masks, token_mask
 from pipeline.errors import UserError
 from pipeline.plan import (
     Plan,
-    attention_density,
-    kv_density,
     kv_spans_for,
     load_plan,
+    plan_attention_density,
+    plan_kv_density,
     save_plan,
     spans_for,
     validate_plan,
@@ -65,18 +66,81 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary file
 
 
+def release_kv_tokens(alpha, beta, n):
+    """KV tokens the original MoA release keeps for one head: its span ``int(alpha + beta * N)`` holds the sink,
+    is capped at N, rounded up to a multiple of 64 and at least 128, then capped at N."""
+    span = min(int(alpha + beta * n), n)
+    return min(n, max(128, -(-span // 64) * 64))
+
+
 def test_original_moa_format(tmp_path):
     model = make_tiny_model("llama", heads=4, kv_heads=2)
-    alphas = [[8, 16, 32, 4], [4, 4, 64, 8]]
+    alphas = [[8, 160, 320, 4], [4, 4, 640, 8]]
     betas = [[0.0, 0.25, 0.5, 0.1], [0.1, 0.0, 0.0, 0.5]]
     (tmp_path / "moa.json").write_text(json.dumps({"alphas": alphas, "betas": betas}))
     plan = load_plan(tmp_path / "moa.json", model)
     assert (plan.granularity, plan.sink, plan.block_size) == ("head", 64, 64)
     assert plan.model["num_kv_heads"] == 2
+    assert plan.imported_from["format"] == "moa-release"
     for layer in range(2):
-        expected = [brute_span(a, b, 300, plan.min_span) for a, b in zip(alphas[layer], betas[layer], strict=True)]
-        assert spans_for(plan, layer, 300).tolist() == expected
-        assert kv_spans_for(plan, layer, 300).tolist() == [max(expected[:2]), max(expected[2:])]
+        tokens = [release_kv_tokens(a, b, 3000) for a, b in zip(alphas[layer], betas[layer], strict=True)]
+        assert (spans_for(plan, layer, 3000) + 64).clamp(max=3000).tolist() == tokens
+        assert (kv_spans_for(plan, layer, 3000) + 64).clamp(max=3000).tolist() == [max(tokens[:2]), max(tokens[2:])]
+    save_plan(plan, tmp_path / "converted.json")  # the conversion survives a round trip
+    assert load_plan(tmp_path / "converted.json") == plan
+
+
+def near_boundary_rules(rng, n, count):
+    """Rules whose ``alpha + beta * n`` lands within a few ulps of ``64 k + 1``, where the release's rounding to 64
+    jumps: float rounding there decides between two sizes 64 tokens apart."""
+    alphas = rng.uniform(-100, 32, count)
+    target = 64 * rng.integers(1, n // 64, count) + 1
+    betas = (target - alphas) / n
+    steps = rng.integers(-3, 4, count)
+    return alphas, np.array([_ulps(b, k) for b, k in zip(betas, steps, strict=True)])
+
+
+def _ulps(x: float, k: int) -> float:
+    for _ in range(abs(k)):
+        x = math.nextafter(x, math.inf if k > 0 else -math.inf)
+    return x
+
+
+@pytest.mark.parametrize("n", [2048, 2049, 3000, 4096, 5000, 8191, 8192, 12345, 16384])
+def test_release_plan_keeps_the_release_kv_tokens(n):
+    """Imported bare plans keep, per head, exactly the KV tokens of the release's runtime at every N: tiny,
+    negative, huge and boundary spans, and alpha + beta * N within ulps of a rounding step."""
+    rng = np.random.default_rng(n)
+    regimes = [rng.uniform(-2000, 0, 64), rng.uniform(0, 200, 64), rng.uniform(0, 40000, 64),
+               64.0 * rng.integers(0, 300, 64) + rng.integers(-1, 2, 64), rng.uniform(-1e7, 1e7, 64)]
+    alphas = np.concatenate(regimes)
+    betas = np.concatenate([rng.choice([0.0, 0.001, 0.5, 1.0, 3.0], 64), rng.uniform(0, 1, 64 * 3),
+                            rng.uniform(-0.5, 2, 64)])
+    edge_alphas, edge_betas = near_boundary_rules(rng, n, 256)
+    alphas, betas = np.concatenate([alphas, edge_alphas]), np.concatenate([betas, edge_betas])
+    heads = len(alphas)
+    info = Info(num_layers=1, num_heads=heads, num_kv_heads=heads)
+    bare = Plan.from_dict({"alphas": [alphas.tolist()], "betas": [betas.tolist()]})
+    plan = validate_plan(bare, info)
+    ours = (kv_spans_for(plan, 0, n) + plan.sink).clamp(max=n).tolist()
+    assert ours == [release_kv_tokens(a, b, n) for a, b in zip(alphas.tolist(), betas.tolist(), strict=True)]
+    grouped = validate_plan(bare, replace(info, num_kv_heads=heads // 4))  # GQA: a KV head keeps its group's max
+    assert (kv_spans_for(grouped, 0, n) + 64).clamp(max=n).tolist() == [max(ours[i:i + 4]) for i in range(0, heads, 4)]
+
+
+def test_span_rounding_fields_are_optional_in_the_file(tmp_path):
+    plan = random_plan()
+    save_plan(plan, tmp_path / "plain.json")
+    raw = json.loads((tmp_path / "plain.json").read_text())
+    assert not {"span_multiple", "span_offset", "imported_from"} & raw.keys()  # plans made here keep their files
+    rounded = replace(plan, span_multiple=8, span_offset=-4, min_span=2)
+    save_plan(rounded, tmp_path / "rounded.json")
+    loaded = load_plan(tmp_path / "rounded.json")
+    assert loaded == rounded
+    for layer in range(2):
+        expected = [max(min(-(-math.floor(a + b * 100) // 8) * 8 - 4, 100), 2)
+                    for a, b in zip(plan.alphas[layer], plan.betas[layer], strict=True)]
+        assert spans_for(loaded, layer, 100).tolist() == [s for s in expected for _ in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -89,13 +153,13 @@ def test_original_moa_format(tmp_path):
     ],
 )
 def test_wrong_model_is_refused(model, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         validate_plan(random_plan(), model)
 
 
 def test_bare_plan_head_count_is_checked(tmp_path):
     (tmp_path / "moa.json").write_text(json.dumps({"alphas": [[1, 2]] * 2, "betas": [[0, 0]] * 2}))
-    with pytest.raises(UserError, match="2 heads per layer, but model 'tiny' has 4 query heads"):
+    with pytest.raises(ValueError, match="2 heads per layer, but model 'tiny' has 4 query heads"):
         load_plan(tmp_path / "moa.json", Info())
 
 
@@ -104,9 +168,9 @@ def test_hf_model_is_checked_without_fingerprint():
     plan = random_plan()
     assert validate_plan(plan, model) is plan  # a bare HF model has no fingerprint attribute: check skipped
     model.fingerprint = "ffff"
-    with pytest.raises(UserError, match="fingerprint"):
+    with pytest.raises(ValueError, match="fingerprint"):
         validate_plan(plan, model)
-    with pytest.raises(UserError, match="num_layers"):
+    with pytest.raises(ValueError, match="num_layers"):
         validate_plan(plan, make_tiny_model("qwen2", layers=3))
 
 
@@ -121,9 +185,9 @@ def test_hf_model_is_checked_without_fingerprint():
 )
 def test_malformed_files(tmp_path, text, message):
     (tmp_path / "plan.json").write_text(text)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         load_plan(tmp_path / "plan.json")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         load_plan(tmp_path / "missing.json")
 
 
@@ -141,19 +205,32 @@ def test_spans_match_brute_force(seed, n, granularity):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 1000), n=st.integers(1, 96), sink=st.integers(0, 20))
-def test_densities_match_masks(seed, n, sink):
-    plan = random_plan(seed=seed, sink=sink)
+@given(seed=st.integers(0, 1000), n=st.integers(1, 96), sink=st.integers(0, 20),
+       granularity=st.sampled_from(["kv_head", "head"]))
+def test_densities_match_masks(seed, n, sink, granularity):
+    plan = random_plan(granularity=granularity, seed=seed, sink=sink)
+    per_kv = 2 if granularity == "head" else 1  # plan heads sharing one KV head
     kv, pairs = [], []
     for layer in range(plan.num_layers):
         spans = torch.tensor([brute_span(a, b, n, plan.min_span)
                               for a, b in zip(plan.alphas[layer], plan.betas[layer], strict=True)])
         masks = head_masks(n, spans, sink)  # (H, n, n)
         pairs += (masks.sum(dim=(1, 2)) / token_mask(n, n, 0).sum()).tolist()
-        # Keys some query still sees at the end of a length-n sequence: the tokens a cache must hold.
-        kv += (masks[:, -1, :].sum(dim=1) / n).tolist()
-    assert kv_density(plan, n) == pytest.approx(sum(kv) / len(kv))
-    assert attention_density(plan, n) == pytest.approx(sum(pairs) / len(pairs))
+        # Keys some query head of the KV head still sees at the end of a length-n sequence: what its cache holds.
+        held = masks[:, -1, :].view(-1, per_kv, n).any(dim=1)  # (Hkv, n)
+        kv += (held.sum(dim=1) / n).tolist()
+    assert plan_kv_density(plan, n) == pytest.approx(sum(kv) / len(kv))
+    assert plan_attention_density(plan, n) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_library_errors_are_value_errors(tmp_path):
+    """The stage layer turns these into one-line user errors; the library itself raises ValueError."""
+    with pytest.raises(ValueError, match="not found") as err:
+        load_plan(tmp_path / "missing.json")
+    assert not isinstance(err.value, UserError)
+    with pytest.raises(ValueError, match="fingerprint") as err:
+        validate_plan(random_plan(), Info(fingerprint="ffff"))
+    assert not isinstance(err.value, UserError)
 
 
 def test_uniform_plan():

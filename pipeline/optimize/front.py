@@ -1,7 +1,9 @@
 """The Pareto front of plans over profile lengths, by the epsilon-constraint method (as in the MoA paper).
 
 Objective ``t`` is the summed influence loss at profile length ``t``; every plan must meet the KV density
-budget at every length. The front is built in three steps:
+budget at every length, on the density the per-head cache allocates (:mod:`pipeline.optimize.budget`: with rules
+per query head on a GQA model, each KV head costs its group's largest density). The front is built in three
+steps:
 
 1. Anchors: minimise each length's loss alone. Their payoff table gives each objective's ideal (its minimum)
    and nadir (its worst value over the anchors).
@@ -25,7 +27,15 @@ d. the MILP over every rule the bound cannot exclude given the incumbent, warm-s
    drops rule pairs that cannot beat the incumbent, which keeps it small without losing its optimum.
 
 Every plan carries its proven gap, ``(objective - lower bound) / objective`` with the larger of the Lagrangian
-and the solver's bound. Why ``gap_rel`` defaults to 1e-3: on the Llama-3-8B-shaped instance of
+and the solver's bound.
+
+Grouped budgets (``group_size > 1``). The Lagrangian of b. and d. relaxes linear rows, and the grouped footprint is
+not linear, so it is computed on :meth:`KVBudget.relaxation`'s rows instead: rows every plan meeting the grouped
+budget meets. Every argument above still holds for them (the bound is a lower bound of a relaxation, hence of this
+problem; a rule pair it excludes cannot be in any better plan of the relaxation, hence of this problem; an
+infeasible relaxation means an infeasible problem); the bound is only weaker, so b. and d. prove and prune less and
+the MILPs of c. and d. (which model the footprint exactly) do more of the work. Incumbents are checked against the
+exact footprint, never the relaxation. Why ``gap_rel`` defaults to 1e-3: on the Llama-3-8B-shaped instance of
 ``scripts/bench_solver.py`` the bound sits 3e-4 to 1e-3 below the optimum, so 1e-4 means branching at every
 point (the whole front took about 200 s there, with one point still open after 120 s), while at 1e-3 nearly
 every point closes with the heuristic's plan at the root.
@@ -39,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.optimize.budget import KVBudget
 from pipeline.optimize.lagrange import LayerDual
 from pipeline.optimize.milp import SOLVERS, MilpResult, relative_gap, solve_milp
 
@@ -57,7 +67,8 @@ class PlanCandidate:
     objectives: np.ndarray
     """``(T,)`` summed influence loss at each length."""
     densities: np.ndarray
-    """``(T,)`` KV density (mean over heads) at each length."""
+    """``(T,)`` KV density at each length, what the cache allocates: mean over layers and KV heads of the group's
+    largest density (:meth:`KVBudget.footprint`)."""
     status: str
     """``optimal`` (proven within ``gap_rel``) or ``time_limit`` (best incumbent, flagged; see ``gap``)."""
     gap: float | None
@@ -75,31 +86,35 @@ class PlanCandidate:
 
 
 def solve_front(loss: np.ndarray, kv_density: np.ndarray, budgets, max_rules_per_layer: int = 2, *,
-                solver: str = "highs", points: int = 24, time_limit: float | None = None,
+                group_size: int = 1, solver: str = "highs", points: int = 24, time_limit: float | None = None,
                 lower_bound_ratio: float | None = None, gap_rel: float = 1e-3, reduce: bool = True,
                 lengths=None) -> list[PlanCandidate]:
     """Pareto front of 0/1 plans. ``loss`` and ``kv_density`` are ``(L, H, R, T)``; ``budgets`` ``(T,)`` are KV
-    density upper bounds (``lower_bound_ratio`` adds ``density >= ratio * budget``). ``points`` is the number of
-    MILP solves aimed for (anchors included); ``time_limit`` (seconds, all steps of one solve together) and
-    ``gap_rel`` (relative, proven) apply to each solve; ``reduce`` turns the Lagrangian reduction on;
-    ``lengths`` only names the lengths in error messages.
+    density upper bounds (``lower_bound_ratio`` adds ``density >= ratio * budget``). ``group_size`` is the number
+    of the table's heads that share one KV head (query heads per KV head when ``H`` counts query heads of a GQA
+    model; 1 when ``H`` counts KV heads): the budget is on what the cache allocates, each KV head's largest
+    density. ``points`` is the number of MILP solves aimed for (anchors included); ``time_limit`` (seconds, all
+    steps of one solve together) and ``gap_rel`` (relative, proven) apply to each solve; ``reduce`` turns the
+    Lagrangian reduction on; ``lengths`` only names the lengths in error messages.
 
-    Raises :class:`UserError` when the budgets cannot be met. Returns the non-dominated plans, sorted by loss at
-    the longest length.
+    Raises ``ValueError`` when the budgets cannot be met. Returns the non-dominated plans, sorted by loss at the
+    longest length.
     """
     if solver not in SOLVERS:
-        raise UserError(f"optimize.solver: bad value {solver!r} (expected one of {', '.join(SOLVERS)})")
+        raise ValueError(f"optimize.solver: bad value {solver!r} (expected one of {', '.join(SOLVERS)})")
     loss = np.asarray(loss, dtype=np.float64)
     kv_density = np.asarray(kv_density, dtype=np.float64)
     layers, heads, rules, count = loss.shape
     budgets = np.broadcast_to(np.asarray(budgets, dtype=np.float64), (count,))
     names = list(lengths) if lengths is not None else list(range(count))
-    rows, rhs = _budget_rows(kv_density, budgets, lower_bound_ratio, names, max_rules_per_layer)
-    solve = _Solver(loss, kv_density, rows, rhs, max_rules_per_layer, solver, time_limit, gap_rel, reduce)
+    lower = None if lower_bound_ratio is None else lower_bound_ratio * budgets
+    budget = KVBudget(kv_density, int(group_size), budgets, lower)
+    _check_budget(budget, lower_bound_ratio, names)
+    solve = _Solver(loss, budget, max_rules_per_layer, solver, time_limit, gap_rel, reduce)
 
     anchors = [solve(p, [None] * count) for p in range(count)]
     if any(a is None for a in anchors):
-        raise UserError(
+        raise ValueError(
             f"no plan meets the KV density budgets {dict(zip(names, budgets.tolist(), strict=True))} at all lengths "
             f"at once with at most {max_rules_per_layer} rules per layer: raise optimize.density_budget"
         )
@@ -157,37 +172,33 @@ def pareto(candidates: list[PlanCandidate], rtol: float = 1e-9) -> list[PlanCand
     return keep
 
 
-def _budget_rows(kv_density, budgets, ratio, names, max_rules) -> tuple[np.ndarray, np.ndarray]:
-    """Density rows ``mean_h kv <= budget`` (and ``>= ratio * budget``), after checking each can be met."""
-    layers, heads = kv_density.shape[:2]
-    lowest = kv_density.min(2).mean((0, 1))  # (T,): every head on its sparsest rule
-    highest = kv_density.max(2).mean((0, 1))
-    rows, rhs = [], []
-    for t, (name, budget) in enumerate(zip(names, budgets, strict=True)):
-        if budget < lowest[t] - 1e-12:
-            raise UserError(
-                f"optimize.density_budget: {budget:g} at length {name} is infeasible: the smallest KV density any "
+def _check_budget(budget: KVBudget, ratio, names) -> None:
+    """Raise ``ValueError`` naming the first length whose budget no plan can meet."""
+    lowest, highest = budget.extremes()  # (T,) each: every head on its sparsest / densest rule
+    for t, (name, upper) in enumerate(zip(names, budget.upper, strict=True)):
+        if upper < lowest[t] - 1e-12:
+            raise ValueError(
+                f"optimize.density_budget: {upper:g} at length {name} is infeasible: the smallest KV density any "
                 f"plan reaches there is {lowest[t]:.4f} (sink and min_span alone keep that much)"
             )
-        rows.append(kv_density[..., t] / (layers * heads))
-        rhs.append(budget)
-        if ratio is not None:
-            if ratio * budget > highest[t] + 1e-12:
-                raise UserError(
-                    f"optimize.lower_bound_ratio: {ratio:g} x {budget:g} at length {name} is above the largest "
-                    f"KV density any plan reaches there ({highest[t]:.4f})"
-                )
-            rows.append(-kv_density[..., t] / (layers * heads))
-            rhs.append(-ratio * budget)
-    return np.stack(rows), np.array(rhs)
+        if ratio is not None and ratio * upper > highest[t] + 1e-12:
+            raise ValueError(
+                f"optimize.lower_bound_ratio: {ratio:g} x {upper:g} at length {name} is above the largest "
+                f"KV density any plan reaches there ({highest[t]:.4f})"
+            )
 
 
 class _Solver:
-    """Solves one epsilon-constraint problem; keeps every plan found to warm-start the next."""
+    """Solves one epsilon-constraint problem; keeps every plan found to warm-start the next.
 
-    def __init__(self, loss, kv_density, rows, rhs, max_rules, solver, time_limit, gap_rel, reduce):
-        self.loss, self.kv_density = loss, kv_density
-        self.rows, self.rhs = rows, rhs
+    ``rows``/``rhs`` are the budget's exact linear rows for the MILP (none when grouped: the MILP then models the
+    footprint); ``dual_rows``/``dual_rhs`` its relaxation for the Lagrangian (the same rows when not grouped).
+    """
+
+    def __init__(self, loss, budget: KVBudget, max_rules, solver, time_limit, gap_rel, reduce):
+        self.loss, self.budget = loss, budget
+        self.rows, self.rhs = budget.linear_rows()
+        self.dual_rows, self.dual_rhs = budget.relaxation()
         self.max_rules, self.solver = max_rules, solver
         self.time_limit, self.gap_rel = time_limit, gap_rel
         self.reduce = reduce and LayerDual.applies(max_rules, loss.shape[2])
@@ -201,28 +212,31 @@ class _Solver:
         weights[primary] = 1.0
         cost = np.einsum("lhrt,t->lhr", self.loss, weights)
         extra = [(self.loss[..., t], bound) for t, bound in enumerate(eps) if bound is not None]
-        rows = np.concatenate([self.rows, np.stack([r for r, _ in extra])]) if extra else self.rows
-        rhs = np.concatenate([self.rhs, [b for _, b in extra]]) if extra else self.rhs
-        result = self._solve(cost, rows, rhs)
+        eps_rows = np.stack([r for r, _ in extra]) if extra else np.zeros((0, *cost.shape))  # (k, L, H, R)
+        eps_rhs = np.array([b for _, b in extra], dtype=np.float64)
+        result = self._solve(cost, eps_rows, eps_rhs)
         if result.choice is None:
             return None
         self.pool.append(result.choice)
         return PlanCandidate(
             choice=result.choice, objectives=_per_head(self.loss, result.choice).sum((0, 1)),
-            densities=_per_head(self.kv_density, result.choice).mean((0, 1)),
+            densities=self.budget.footprint(result.choice),
             status=result.status, gap=result.gap, seconds=time.perf_counter() - began, solver=self.solver,
             primary=primary, epsilon=list(eps),
         )
 
-    def _solve(self, cost, rows, rhs) -> MilpResult:
+    def _solve(self, cost, eps_rows, eps_rhs) -> MilpResult:
         """Earlier plans as incumbent, the Lagrangian bound, a restricted MILP as primal heuristic, then the MILP
         over the rules the bound cannot exclude; stops as soon as the bound proves the incumbent within
-        ``gap_rel``. ``time_limit`` covers all of it."""
+        ``gap_rel``. ``time_limit`` covers all of it. ``eps_rows`` ``(k, L, H, R)`` bound the other objectives."""
         deadline = None if self.time_limit is None else time.perf_counter() + self.time_limit
-        start, upper = self._incumbent(cost, rows, rhs)
+        rows, rhs = np.concatenate([self.rows, eps_rows]), np.concatenate([self.rhs, eps_rhs])  # the MILP's rows
+        start, upper = self._incumbent(cost, eps_rows, eps_rhs)
         if not self.reduce:
             return self._milp(cost, rows, rhs, np.ones(cost.shape, dtype=bool), start, deadline)
-        dual = LayerDual(cost, rows, rhs, self.max_rules)
+        # The bound and reduction use the budget's relaxation (exact unless grouped; see the module docstring).
+        dual = LayerDual(cost, np.concatenate([self.dual_rows, eps_rows]), np.concatenate([self.dual_rhs, eps_rhs]),
+                         self.max_rules)
         bound = dual.maximise(upper, self.gap_rel)
         if bound.infeasible:
             return MilpResult(None, "infeasible", None, None, 0.0)
@@ -249,16 +263,18 @@ class _Solver:
     def _milp(self, cost, rows, rhs, allowed, start, deadline) -> MilpResult:
         left = None if deadline is None else max(deadline - time.perf_counter(), 1.0)
         return solve_milp(cost, rows, rhs, self.max_rules, allowed, solver=self.solver, time_limit=left,
-                          gap_rel=self.gap_rel, start=start)
+                          gap_rel=self.gap_rel, start=start, grouped=self.budget if self.budget.grouped else None)
 
     def _proven(self, upper: float | None, bound: float) -> bool:
         return upper is not None and upper - bound <= self.gap_rel * abs(upper)
 
-    def _incumbent(self, cost, rows, rhs) -> tuple[np.ndarray | None, float | None]:
-        """The cheapest earlier plan that meets these rows, as a warm start and upper bound."""
+    def _incumbent(self, cost, eps_rows, eps_rhs) -> tuple[np.ndarray | None, float | None]:
+        """The cheapest earlier plan that meets the budget (its exact footprint) and these epsilon rows, as a warm
+        start and upper bound."""
         best, value = None, None
         for choice in self.pool:
-            if np.all(_row_totals(rows, choice) <= rhs + 1e-9 * (1 + np.abs(rhs))):
+            if self.budget.met_by(choice) and np.all(
+                    _row_totals(eps_rows, choice) <= eps_rhs + 1e-9 * (1 + np.abs(eps_rhs))):
                 v = float(_per_head(cost, choice).sum())
                 if value is None or v < value:
                     best, value = choice, v

@@ -9,6 +9,11 @@ free), so ``max D`` is at least the LP bound of the MILP. Given an incumbent of 
 layer ``l`` can only be part of a better plan if ``D(mu) + cost_l(S) - min_S' cost_l(S') <= UB``; every other
 subset is dropped, and the MILP keeps only rules of surviving subsets. The optimum is never cut off, whatever
 ``mu``: a better ``mu`` only drops more. ``D`` is maximised by a trust-region cutting-plane method (Kelley).
+
+The rows may be a relaxation of the real constraints, as for a grouped KV budget (each KV head costing its
+group's largest density, :mod:`pipeline.optimize.budget`): every plan meeting the real constraints meets the rows,
+so ``D`` stays a lower bound, an infeasible relaxation means an infeasible problem, and a dropped subset cannot be
+part of any better plan. Only the bound is weaker; nothing here needs turning off.
 """
 
 from __future__ import annotations

@@ -6,6 +6,16 @@
          x[l,h,r] <= y[l,r]                    rule r is open in layer l (disaggregated: the tight linking)
          sum_r y[l,r] <= K                     at most K distinct rules per layer
 
+With a grouped KV budget (rules per query head on a GQA model, see :mod:`pipeline.optimize.budget`), the budget
+is not a linear row in ``x``; it gets one continuous footprint variable per (layer l, KV head g, length t):
+
+         f[l,g,t] >= sum_r kv[l,h,r,t] x[l,h,r]       for every query head h of KV head g
+         mean_{l,g} f[l,g,t] <= upper[t]
+
+and, with a lower bound ``mean_{l,g} f[l,g,t] >= lower[t]`` too, binaries ``z[l,h,t]`` (exactly one per group
+and length is 1) pick the head that ``f`` may not exceed, ``f[l,g,t] <= sum_r kv[l,h,r,t] x[l,h,r] + M (1 -
+z[l,h,t])`` with ``M`` the group's density range, so ``f`` is exactly the group's max.
+
 Only the ``allowed`` (l, h, r) get a variable (see :mod:`pipeline.optimize.lagrange` for how the set is
 reduced without losing the optimum); a layer with at most ``K`` allowed rules needs no ``y`` at all.
 HiGHS runs through ``pulp.HiGHS``, CBC through ``pulp.PULP_CBC_CMD``; both take a warm start (``x`` and
@@ -21,6 +31,7 @@ runs looked at, so the column model gains little and is not used.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -29,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import pulp
+
+from pipeline.optimize.budget import KVBudget
 
 SOLVERS = ("highs", "cbc")
 
@@ -66,10 +79,11 @@ class _WarmHiGHS(pulp.HiGHS):
 
 
 def solve_milp(cost: np.ndarray, rows: np.ndarray, rhs: np.ndarray, max_rules: int, allowed: np.ndarray, *,
-               solver: str = "highs", time_limit: float | None = None, gap_rel: float = 1e-4,
-               start: np.ndarray | None = None) -> MilpResult:
+               grouped: KVBudget | None = None, solver: str = "highs", time_limit: float | None = None,
+               gap_rel: float = 1e-4, start: np.ndarray | None = None) -> MilpResult:
     """Solve the MILP above. ``cost`` ``(L, H, R)``, ``rows`` ``(k, L, H, R)``, ``rhs`` ``(k,)``, ``allowed``
-    ``(L, H, R)`` bool; ``start`` is an optional feasible ``(L, H)`` choice used as the incumbent to beat."""
+    ``(L, H, R)`` bool; ``grouped`` is a KV budget modelled with footprint variables (its rows are not in
+    ``rows``); ``start`` is an optional feasible ``(L, H)`` choice used as the incumbent to beat."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r} (expected one of {', '.join(SOLVERS)})")
     layers, heads, _ = cost.shape
@@ -96,13 +110,18 @@ def solve_milp(cost: np.ndarray, rows: np.ndarray, rhs: np.ndarray, max_rules: i
     prob.setObjective(pulp.LpAffineExpression([(x[i], float(cost[i])) for i in index]))
     if start is not None and not allowed[np.arange(layers)[:, None], np.arange(heads)[None, :], start].all():
         start = None  # the start uses a rule this model has no variable for
+    footprint = _add_footprint(prob, x, grouped) if grouped is not None else {}
     if start is not None:
         for (layer, head, rule), var in x.items():
             var.setInitialValue(1.0 if start[layer, head] == rule else 0.0)
         for (layer, rule), var in y.items():
             var.setInitialValue(1.0 if (start[layer] == rule).any() else 0.0)
+        if grouped is not None:
+            _start_footprint(footprint, grouped, start)
 
-    log = Path(tempfile.mkstemp(prefix="cbc_", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="cbc_", suffix=".log")
+    os.close(fd)  # CBC writes the log by name; an open descriptor would leak one per solve
+    log = Path(name)
     try:
         if solver == "highs":
             backend = _WarmHiGHS(start is not None, msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=None)
@@ -128,6 +147,52 @@ def solve_milp(cost: np.ndarray, rows: np.ndarray, rhs: np.ndarray, max_rules: i
         bound = objective - gap_rel * abs(objective)
     return MilpResult(choice, "optimal" if optimal else "time_limit", objective, relative_gap(objective, bound),
                       seconds, bound)
+
+
+def _add_footprint(prob, x: dict, budget: KVBudget) -> dict:
+    """Add the footprint variables and budget rows of the module docstring; returns ``{"f": ..., "z": ...}``."""
+    density = budget.density  # (L, H, R, T)
+    layers, heads, _, lengths = density.shape
+    size = budget.group_size
+    kv_heads = heads // size
+    terms: dict[tuple[int, int], list] = {}  # (layer, head) -> [(rule, var)]
+    for (layer, head, rule), var in x.items():
+        terms.setdefault((layer, head), []).append((rule, var))
+    f, z = {}, {}
+    for layer, g, t in np.ndindex(layers, kv_heads, lengths):
+        members = range(g * size, (g + 1) * size)
+        block = density[layer, g * size:(g + 1) * size, :, t]  # (G, R)
+        low, high = float(block.min()), float(block.max())
+        var = f[layer, g, t] = prob.add_variable(f"f_{layer}_{g}_{t}", lowBound=low, upBound=high)
+        for h in members:
+            usage = [(v, float(density[layer, h, r, t])) for r, v in terms.get((layer, h), [])]
+            prob += pulp.LpAffineExpression([(var, 1.0)] + [(v, -c) for v, c in usage]) >= 0, f"fp_{layer}_{h}_{t}"
+            if budget.lower is not None:  # f may not exceed the head z picks: f is the group's max, not above it
+                pick = z[layer, h, t] = prob.add_variable(f"z_{layer}_{h}_{t}", cat=pulp.LpBinary)
+                big = high - low
+                prob += pulp.LpAffineExpression([(var, 1.0), (pick, big)] + [(v, -c) for v, c in usage]) <= big, \
+                    f"fz_{layer}_{h}_{t}"
+        if budget.lower is not None:
+            prob += pulp.LpAffineExpression([(z[layer, h, t], 1.0) for h in members]) == 1, f"zone_{layer}_{g}_{t}"
+    scale = 1.0 / (layers * kv_heads)
+    for t in range(lengths):
+        mean = pulp.LpAffineExpression([(f[layer, g, t], scale) for layer in range(layers) for g in range(kv_heads)])
+        prob += mean <= float(budget.upper[t]), f"kv_{t}"
+        if budget.lower is not None:
+            prob += mean >= float(budget.lower[t]), f"kv_low_{t}"
+    return {"f": f, "z": z}
+
+
+def _start_footprint(footprint: dict, budget: KVBudget, start: np.ndarray) -> None:
+    """Initial values of the footprint variables for the plan ``start``: each group's max and the head holding it."""
+    layers, heads = start.shape
+    size = budget.group_size
+    per_head = budget.density[np.arange(layers)[:, None], np.arange(heads)[None, :], start]  # (L, H, T)
+    grouped = per_head.reshape(layers, heads // size, size, -1)  # (L, Hkv, G, T)
+    for (layer, g, t), var in footprint["f"].items():
+        var.setInitialValue(float(grouped[layer, g, :, t].max()))
+    for (layer, h, t), var in footprint["z"].items():
+        var.setInitialValue(1.0 if h % size == int(grouped[layer, h // size, :, t].argmax()) else 0.0)
 
 
 def relative_gap(objective: float, bound: float | None) -> float | None:

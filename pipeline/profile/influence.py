@@ -20,9 +20,8 @@ import math
 
 import torch
 
+from pipeline.plan import GRANULARITIES
 from pipeline.profile.hooks import LayerStash, capture_attention
-
-GRANULARITIES = ("kv_head", "head")
 
 
 def entry_influence(probs: torch.Tensor, grads: torch.Tensor, row_dot: torch.Tensor) -> torch.Tensor:
