@@ -23,19 +23,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.settings import profile_lengths  # noqa: F401  (the one definition; re-exported for artifact users)
+
 LOSS_TABLE_COLUMNS = ("layer", "head", "rule", "alpha", "beta", "length", "loss", "kv_density", "attention_density")
 CALIBRATION_TENSORS = ("input_ids", "loss_mask", "lengths")
 
 
 class ArtifactError(ValueError):
     """A missing or malformed artifact; the message names the file and the stage to re-run."""
-
-
-def profile_lengths(cfg) -> list[int]:
-    """The profile lengths of a config, sorted: ``profile.lengths`` (by default the calibration lengths)."""
-    lengths = cfg.profile.get("lengths") if "profile" in cfg else None
-    lengths = cfg.calibration.lengths if lengths is None else lengths
-    return sorted(int(n) for n in lengths)
 
 
 @dataclass(frozen=True)

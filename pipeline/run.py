@@ -26,10 +26,10 @@ def compose(overrides: list[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
         cfg.model.name  # noqa: B018  (resolves interpolations early so errors surface here)
+        _name_local_model(cfg, overrides)
+        check_config(cfg)  # every section, before any stage runs
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_hydra_message(err)) from None
-    check_config(cfg)
-    _name_local_model(cfg, overrides)
     return cfg
 
 

@@ -30,6 +30,7 @@ from pipeline.artifacts import ArtifactError
 from pipeline.code_digest import source_digest
 from pipeline.context import StageContext
 from pipeline.errors import UserError
+from pipeline.settings import check_all
 from pipeline.stages.registry import STAGE_ORDER, Stage, registered
 from pipeline.tracking import Tracker, git_commit, package_versions
 
@@ -121,6 +122,8 @@ def is_done(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stag
     if current is None or marker.get("outputs_digest") != current:
         return False
     for req, recorded in (marker.get("inputs") or {}).items():
+        if recorded is None:  # made without that input's marker (a hand-made fixture): nothing to compare
+            continue
         upstream = read_marker(run_dir, req)
         if upstream is None or upstream.get("outputs_digest") != recorded:
             return False
@@ -150,6 +153,7 @@ class _Session:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, stack: contextlib.ExitStack):
         self.cfg, self.run_dir, self.stack = cfg, run_dir, stack
+        self.settings = check_all(cfg)
         self.tracker: Tracker | None = None
         self.parent = None
         self.model_cache: dict = {}
@@ -211,7 +215,7 @@ def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _S
     with session.tracker.run(name, parent=parent, tags={"stage": name, "config_hash": config_hash}) as run:
         run.log_params({key: json.dumps(OmegaConf.to_container(cfg[key], resolve=True)) for key in spec.config_keys})
         ctx = StageContext(cfg=cfg, name=name, run_dir=run_dir, config_hash=config_hash, tracker=session.tracker,
-                           run=run, force=force, _model_cache=session.model_cache)
+                           run=run, settings=session.settings, force=force, _model_cache=session.model_cache)
         started = time.perf_counter()
         try:
             summary = spec.fn(ctx) or {}

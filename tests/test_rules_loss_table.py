@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.pattern import token_mask
-from pipeline.errors import UserError
 from pipeline.rules.grid import load_grid
 from pipeline.rules.loss_table import BlockInfluence, band_pairs
 from pipeline.rules.scaling import fit_span_scaling
@@ -112,10 +111,10 @@ def test_default_grid_is_tens_of_valid_rules():
 def test_grid_with_an_invalid_rule_names_it(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("alpha: {start: 0, step_blocks: 4}\nbeta: [0.0]\nrules: [[0, 0.5], [900, 0.5]]\n")
-    with pytest.raises(UserError, match=r"alpha=900.0, beta=0.5.*1024"):
+    with pytest.raises(ValueError, match=r"alpha=900.0, beta=0.5.*1024"):
         load_grid(str(grid), [1024, 2048], sink=64, min_span=64, block_size=64)
     grid.write_text("alpha: {start: 0}\nbeta: [0.0]\nsink: 128\n")
-    with pytest.raises(UserError, match="sink=128"):
+    with pytest.raises(ValueError, match="sink=128"):
         load_grid(str(grid), [1024], sink=64, min_span=64, block_size=64)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         load_grid(str(tmp_path / "absent.yaml"), [1024], sink=64, min_span=64, block_size=64)

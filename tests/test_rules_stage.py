@@ -84,6 +84,11 @@ def test_missing_inputs_and_bad_grids_exit_2_with_one_line(tmp_path, capsys):
     fake_profile(tmp_path)
     (tmp_path / "profile" / "influence_1536.safetensors").unlink()
     base = ["model=tiny", f"run_dir={tmp_path}", *overrides()]
+    assert main([*base, "stage=rules"]) == 2  # the profile marker no longer vouches for what is on disk
+    assert "run stage=profile first" in capsys.readouterr().err
+    stages = registered()
+    cfg = compose(base)
+    write_marker(tmp_path, stages["profile"], stage_hash(cfg, "profile", stages), stages)  # a marker that lies
     assert main([*base, "stage=rules"]) == 2
     assert "influence_1536.safetensors" in capsys.readouterr().err
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.errors import UserError
-
 PACKAGED_PREFIX = "search_spaces/"
 GRID_KEYS = {"sink", "min_span", "alpha", "beta", "rules", "filter"}
 
@@ -37,7 +35,7 @@ def resolve_grid_path(path: str):
         packaged = importlib.resources.files("search_spaces").joinpath(path[len(PACKAGED_PREFIX):])
         if packaged.is_file():
             return packaged
-    raise UserError(f"rules.grid: grid file {path} not found")
+    raise ValueError(f"rules.grid: grid file {path} not found")
 
 
 def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) -> list[Rule]:
@@ -46,28 +44,28 @@ def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) 
     try:
         spec = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"rules.grid: {source} is not valid YAML: {err}") from None
+        raise ValueError(f"rules.grid: {source} is not valid YAML: {err}") from None
     if not isinstance(spec, dict):
-        raise UserError(f"rules.grid: {source} must be a mapping with alpha, beta and filter keys")
+        raise ValueError(f"rules.grid: {source} must be a mapping with alpha, beta and filter keys")
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
-        raise UserError(f"rules.grid: {source} has unknown key(s) {', '.join(unknown)}")
+        raise ValueError(f"rules.grid: {source} has unknown key(s) {', '.join(unknown)}")
     for key, actual in (("sink", sink), ("min_span", min_span)):
         if spec.get(key) is not None and spec[key] != actual:
-            raise UserError(f"rules.grid: {source} is for {key}={spec[key]}, but sparse.{key}={actual}")
+            raise ValueError(f"rules.grid: {source} is for {key}={spec[key]}, but sparse.{key}={actual}")
     lengths = sorted(int(n) for n in lengths)
     floor = _number(spec.get("filter", {}).get("min_raw_span", 1), f"{source}: filter.min_raw_span")
     generated = [r for r in _product(spec, source, lengths[-1], block_size) if _valid(r, lengths, floor)]
     explicit = [_explicit(item, source) for item in spec.get("rules") or []]
     for rule in explicit:
         if not _valid(rule, lengths, floor):
-            raise UserError(
+            raise ValueError(
                 f"rules.grid: rule (alpha={rule.alpha}, beta={rule.beta}) in {source} is invalid: its span "
                 f"alpha + beta*N leaves [{floor:g}, N] at profile length(s) {_failing(rule, lengths, floor)}"
             )
     rules = list(dict.fromkeys(generated + explicit))
     if not rules:
-        raise UserError(f"rules.grid: {source} yields no valid rule for profile lengths {lengths}")
+        raise ValueError(f"rules.grid: {source} yields no valid rule for profile lengths {lengths}")
     return rules
 
 
@@ -77,7 +75,7 @@ def _product(spec: dict, source: Path, longest: int, block_size: int) -> list[Ru
     stop = longest if alpha.get("stop") is None else _number(alpha["stop"], f"{source}: alpha.stop")
     step = _number(alpha.get("step_blocks", 1), f"{source}: alpha.step_blocks") * block_size
     if step <= 0:
-        raise UserError(f"rules.grid: {source}: alpha.step_blocks must be positive")
+        raise ValueError(f"rules.grid: {source}: alpha.step_blocks must be positive")
     alphas = np.arange(start, stop + step / 2, step) if stop >= start else np.array([])
     betas = [_number(b, f"{source}: beta") for b in spec.get("beta") or []]
     return [Rule(float(a), float(b)) for b in betas for a in alphas]
@@ -85,7 +83,7 @@ def _product(spec: dict, source: Path, longest: int, block_size: int) -> list[Ru
 
 def _explicit(item, source: Path) -> Rule:
     if not isinstance(item, list | tuple) or len(item) != 2:
-        raise UserError(f"rules.grid: {source}: rule {item!r} must be a pair [alpha, beta]")
+        raise ValueError(f"rules.grid: {source}: rule {item!r} must be a pair [alpha, beta]")
     return Rule(_number(item[0], f"{source}: rule alpha"), _number(item[1], f"{source}: rule beta"))
 
 
@@ -99,5 +97,5 @@ def _failing(rule: Rule, lengths, floor: float) -> list[int]:
 
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UserError(f"rules.grid: {what} must be a finite number, got {value!r}")
+        raise ValueError(f"rules.grid: {what} must be a finite number, got {value!r}")
     return float(value)

@@ -21,10 +21,10 @@ SPLIT = "calibration"
 @stage("calibrate", config_keys=("calibration",), outputs=("calibrate/",))
 def run_calibrate(ctx):
     """Build calibration samples whose answers depend on far-back context, with response-only loss masks."""
-    cal = ctx.cfg.calibration
+    cal = ctx.settings.calibration
     loaded = ctx.load_model()
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
-    lengths = sorted(int(n) for n in cal.lengths)
+    lengths = list(cal.lengths)
     too_long = [n for n in lengths if info.max_positions and n > info.max_positions]
     if too_long:
         raise UserError(f"calibration.lengths: {too_long[0]} exceeds the model's {info.max_positions} positions")
@@ -39,8 +39,8 @@ def run_calibrate(ctx):
         else:
             try:
                 samples = build_samples(
-                    model, tokenizer, tasks=tasks, length=length, count=int(cal.samples_per_length),
-                    max_new_tokens=int(cal.max_new_tokens), split=SPLIT, seed=int(cal.seed),
+                    model, tokenizer, tasks=tasks, length=length, count=cal.samples_per_length,
+                    max_new_tokens=cal.max_new_tokens, split=SPLIT, seed=cal.seed,
                     progress=lambda items, n=length: ctx.progress(items, desc=f"calibrate N={n}"),
                 )
             except ValueError as err:

@@ -8,7 +8,6 @@ Writes ``plans/plan_<i>.json`` (format ``moa-plan/1``) for every Pareto point an
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
 from pipeline.io import write_json
@@ -18,39 +17,34 @@ from pipeline.plan import Plan, describe_model, package_version, save_plan, vali
 from pipeline.stages.registry import stage
 
 
-def density_budgets(value, lengths) -> dict[int, float]:
-    """``optimize.density_budget`` (a number, or a map from length to number) as ``{N: budget}``."""
-    if isinstance(value, DictConfig | dict):
-        given = {int(k): v for k, v in (OmegaConf.to_container(value) if isinstance(value, DictConfig) else value).items()}
-        unknown = sorted(set(given) - set(lengths))
-        absent = [n for n in lengths if n not in given]
-        if unknown or absent:
-            raise UserError(f"optimize.density_budget: needs exactly the profile lengths {lengths}; "
-                            f"{'unknown ' + str(unknown) if unknown else 'missing ' + str(absent)}")
-    else:
-        given = {n: value for n in lengths}
-    for n, budget in given.items():
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-            raise UserError(f"optimize.density_budget: bad value {budget!r} at length {n} (expected 0 < d <= 1)")
-    return {n: float(given[n]) for n in lengths}
+def budget_group_size(granularity: str, info: dict) -> int:
+    """Query heads whose rules share one KV head's cache: the group the KV budget counts once, at its widest span."""
+    return info["num_heads"] // info["num_kv_heads"] if granularity == "head" else 1
 
 
 @stage("optimize", requires=("rules",), config_keys=("sparse", "rules", "optimize"),
        outputs=("optimize/", "plans/"))
 def run_optimize(ctx):
     """Solve the plan MILP's Pareto front over profile lengths and write one plan file per point."""
-    opt = ctx.cfg.optimize
+    opt = ctx.settings.optimize
     table = ctx.artifacts.load_loss_table()
     lengths = table["lengths"]
-    budgets = density_budgets(opt.density_budget, lengths)
-    ratio = None if opt.lower_bound_ratio is None else float(opt.lower_bound_ratio)
-    front = solve_front(
-        table["loss"], table["kv_density"], [budgets[n] for n in lengths], int(opt.max_rules_per_layer),
-        solver=str(opt.solver), points=int(opt.points), time_limit=opt.time_limit, lower_bound_ratio=ratio,
-        gap_rel=float(opt.gap_rel), lengths=lengths,
-    )
+    if list(opt.density_budget) != lengths:
+        raise UserError(f"{ctx.artifacts.loss_table} covers lengths {lengths}, not the profile lengths "
+                        f"{list(opt.density_budget)}: re-run stage=rules")
+    budgets = opt.density_budget
+    ratio = opt.lower_bound_ratio
     loaded = ctx.load_model()
     info = describe_model(loaded)
+    try:
+        front = solve_front(
+            table["loss"], table["kv_density"], [budgets[n] for n in lengths], opt.max_rules_per_layer,
+            group_size=budget_group_size(ctx.settings.sparse.granularity, info), solver=opt.solver,
+            points=opt.points, time_limit=opt.time_limit, lower_bound_ratio=ratio, gap_rel=opt.gap_rel,
+            lengths=lengths,
+        )
+    except ValueError as err:
+        raise UserError(f"optimize: {err}") from None
     plans_dir = ctx.artifacts.plans_dir
     plans_dir.mkdir(parents=True, exist_ok=True)
     for stale in plans_dir.glob("plan_*.json"):
@@ -74,8 +68,8 @@ def run_optimize(ctx):
                           "epsilon": {n: e for n, e in zip(lengths, candidate.epsilon, strict=True) if e is not None},
                           **metrics})
     write_json(ctx.artifacts.front, {
-        "density_budget": budgets, "lower_bound_ratio": ratio, "max_rules_per_layer": int(opt.max_rules_per_layer),
-        "solver": str(opt.solver), "points": int(opt.points), "plans": summaries,
+        "density_budget": budgets, "lower_bound_ratio": ratio, "max_rules_per_layer": opt.max_rules_per_layer,
+        "solver": opt.solver, "points": opt.points, "plans": summaries,
     })
     ctx.log_figure(front_figure(front, lengths, [budgets[n] for n in lengths]), "pareto_front.png")
     summary = {"plans": len(front), "flagged": sum(c.flagged for c in front),
@@ -90,9 +84,9 @@ def _plan(ctx, candidate, table, budgets, info) -> Plan:
     attention = table["attention_density"][li, hi, candidate.choice].mean((0, 1))  # (T,)
     lengths = table["lengths"]
     primary = lengths[candidate.primary]
+    sparse = ctx.settings.sparse
     return Plan(
-        granularity=str(ctx.cfg.sparse.granularity), sink=int(ctx.cfg.sparse.sink),
-        min_span=int(ctx.cfg.sparse.min_span), block_size=int(ctx.cfg.sparse.block_size),
+        granularity=sparse.granularity, sink=sparse.sink, min_span=sparse.min_span, block_size=sparse.block_size,
         alphas=table["alphas"][candidate.choice].tolist(), betas=table["betas"][candidate.choice].tolist(),
         model=info, profile_lengths=lengths, density_budget=budgets,
         expected={n: {"kv_density": float(candidate.densities[t]), "attention_density": float(attention[t]),

@@ -16,64 +16,30 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, save_tensors, write_json
 from pipeline.profile.figures import long_range_heatmap
-from pipeline.profile.influence import GRANULARITIES, attention_influence
+from pipeline.profile.influence import attention_influence
 from pipeline.profile.loss import loss_targets
 from pipeline.profile.stats import layer_summaries, long_range_fraction
+from pipeline.settings import ProfileSettings
 from pipeline.stages.registry import stage
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    """The validated config keys this stage reads."""
-
-    lengths: tuple[int, ...]
-    block_size: int
-    granularity: str
-    checkpoint_every: int
-    dtype: str
-    long_range: float
-
-    @classmethod
-    def from_cfg(cls, cfg) -> ProfileSettings:
-        lengths = cfg.profile.lengths
-        if not OmegaConf.is_list(lengths) or not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
-            raise UserError(f"profile.lengths must be a non-empty list of integers >= 2, got {lengths}")
-        settings = cls(tuple(lengths), cfg.sparse.block_size, cfg.sparse.granularity, cfg.profile.checkpoint_every,
-                       cfg.profile.dtype, cfg.profile.long_range)
-        checks = {
-            "sparse.block_size": (settings.block_size, isinstance(settings.block_size, int) and settings.block_size > 0),
-            "sparse.granularity": (settings.granularity, settings.granularity in GRANULARITIES),
-            "profile.checkpoint_every": (settings.checkpoint_every,
-                                         isinstance(settings.checkpoint_every, int) and settings.checkpoint_every > 0),
-            "profile.dtype": (settings.dtype, settings.dtype in DTYPES),
-            "profile.long_range": (settings.long_range, 0 < settings.long_range < 1),
-        }
-        for key, (value, ok) in checks.items():
-            if not ok:
-                raise UserError(f"bad value {key}={value!r}")
-        return settings
 
 
 @stage("profile", requires=("calibrate",), config_keys=("sparse", "calibration", "profile"),
        outputs=("profile/",))
 def run_profile(ctx):
     """Profile per-head attention influence at every profile length."""
-    settings = ProfileSettings.from_cfg(ctx.cfg)
+    settings = ctx.settings.profile
     loaded = ctx.load_model()
     ctx.log_params({"block_size": settings.block_size, "granularity": settings.granularity,
                     "profile_lengths": list(settings.lengths), "profile_dtype": settings.dtype})
@@ -161,7 +127,7 @@ def _sample_influence(model, samples: dict, s: int, max_positions: int, settings
     # Tail padding is causal-invisible to the real tokens, so the sample is profiled at its real length;
     # blocks past it stay zero.
     return attention_influence(model, ids, mask.to(device), settings.block_size, settings.granularity,
-                               DTYPES[settings.dtype])
+                               settings.torch_dtype)
 
 
 def _length_summary(ctx, influence: torch.Tensor, metadata: dict[str, str], n: int,

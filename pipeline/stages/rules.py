@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import profile_lengths
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_parquet
 from pipeline.rules.figures import beta_histogram, span_vs_length
@@ -31,17 +30,17 @@ def load_influence(ctx, n: int, block_size: int, sink: int) -> BlockInfluence:
        outputs=("rules/",), uses_model=False)
 def run_rules(ctx):
     """Score every elastic rule on every head at every profile length, and fit per-head span scaling."""
-    cfg = ctx.cfg
-    sink, min_span, block = int(cfg.sparse.sink), int(cfg.sparse.min_span), int(cfg.sparse.block_size)
-    coverages = [float(c) for c in cfg.rules.coverages]
-    report = float(cfg.rules.report_coverage)
-    if not coverages or not all(0 < c < 1 for c in coverages) or report not in coverages:
-        raise UserError(f"rules.coverages must be fractions in (0, 1) that include rules.report_coverage={report}")
-    lengths = profile_lengths(cfg)
-    rules = load_grid(str(cfg.rules.grid), lengths, sink=sink, min_span=min_span, block_size=block)
+    sparse, settings = ctx.settings.sparse, ctx.settings.rules
+    sink, min_span, block = sparse.sink, sparse.min_span, sparse.block_size
+    coverages, report = list(settings.coverages), settings.report_coverage
+    lengths = list(settings.lengths)
+    try:
+        rules = load_grid(settings.grid, lengths, sink=sink, min_span=min_span, block_size=block)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     alphas = np.array([r.alpha for r in rules])
     betas = np.array([r.beta for r in rules])
-    ctx.log_params({"num_rules": len(rules), "planned_lengths": lengths, "grid_file": cfg.rules.grid})
+    ctx.log_params({"num_rules": len(rules), "planned_lengths": lengths, "grid_file": settings.grid})
 
     frames, needed = [], {c: {} for c in coverages}
     for n in ctx.progress(lengths, desc="rules"):
@@ -56,7 +55,7 @@ def run_rules(ctx):
     ctx.log_artifact(ctx.artifacts.head_scaling)
 
     shown = scaling[scaling["coverage"] == report]
-    local = int((shown["beta"] < float(cfg.rules.local_beta)).sum())
+    local = int((shown["beta"] < settings.local_beta).sum())
     summary = {"rules": len(rules), "local_heads": local, "elastic_heads": len(shown) - local,
                "median_beta": float(shown["beta"].median()), "mean_r2": float(shown["r2"].mean())}
     ctx.log_metrics(summary)

@@ -8,7 +8,6 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from pipeline import io
-from pipeline.artifacts import profile_lengths
 from pipeline.calibration.builder import build_samples, pack, pad_token_id
 from pipeline.errors import UserError
 from pipeline.evaluation.perplexity import perplexity
@@ -19,33 +18,17 @@ from pipeline.stages.registry import stage
 SPLIT = "validation"
 
 
-def validation_length(cfg) -> int:
-    """``validate.length``, or by default the midpoint of the two longest profile lengths, on a block boundary.
-
-    The profile lengths are those the plans were profiled at (``profile.lengths``), so the length is unseen."""
-    profiled = profile_lengths(cfg)
-    if cfg.validate.get("length"):
-        length = int(cfg.validate.length)
-    elif len(profiled) >= 2:
-        block = int(cfg.sparse.block_size)
-        length = (profiled[-2] + profiled[-1]) // 2 // block * block
-    else:
-        raise UserError("validate.length: set it explicitly when there is a single profile length")
-    if length in profiled:
-        raise UserError(f"validate.length: {length} is a profile length; validation needs an unseen length")
-    return length
-
-
 def heldout_samples(ctx, length: int) -> dict:
     """Held-out samples (disjoint seed stream) answered greedily by the dense model; built once, then reused."""
     path = ctx.artifacts.heldout(length)
     if not ctx.force and io.tensors_saved_for(path, ctx.config_hash):
         return load_file(str(path))
     loaded = ctx.load_model()
-    cfg = ctx.cfg
+    calibration = ctx.settings.calibration
     samples = build_samples(
-        loaded.model, loaded.tokenizer, tasks=list(cfg.calibration.tasks), length=length, count=int(cfg.validate.samples),
-        max_new_tokens=int(cfg.calibration.max_new_tokens), split=SPLIT, seed=int(cfg.calibration.seed),
+        loaded.model, loaded.tokenizer, tasks=list(calibration.tasks), length=length,
+        count=ctx.settings.validate.samples, max_new_tokens=calibration.max_new_tokens, split=SPLIT,
+        seed=calibration.seed,
         progress=lambda items: ctx.progress(items, desc=f"held-out N={length}"),
     )
     tensors = pack(samples, length, pad_token_id(loaded.tokenizer))
@@ -76,11 +59,11 @@ def run_validate(ctx):
     plan_paths = artifacts.candidate_plans()
     if not plan_paths:
         raise UserError(f"no candidate plans under {artifacts.plans_dir}: run stage=optimize first")
-    length = validation_length(ctx.cfg)
+    length = ctx.settings.validate.length
     data = heldout_samples(ctx, length)
     loaded = ctx.load_model()
     model, info = loaded.model, loaded.info
-    backend = str(ctx.cfg.validate.backend)
+    backend = ctx.settings.validate.backend
     scored = lambda: perplexity(model, data["input_ids"], data["loss_mask"], data["lengths"])  # noqa: E731
 
     def scored_with(plan: Plan) -> float:
