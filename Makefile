@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/smollm2
 
-.PHONY: setup run test test-slow test-all ui lint clean
+.PHONY: setup run test test-compat test-slow test-all ui lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,24 @@ run: setup
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
+# The oldest supported transformers, in a second venv: the HF-integration and KV-cache tests against it.
+TRANSFORMERS_OLDEST := 5.17.0
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.installed-$(TRANSFORMERS_OLDEST)
+COMPAT_TESTS := tests/test_hf_integration.py tests/test_kv_cache.py tests/test_compat_decode.py
+
+$(COMPAT_STAMP): pyproject.toml
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q torch==2.13.0
+	$(COMPAT_PY) -m pip install -q -e '.[dev]' 'transformers==$(TRANSFORMERS_OLDEST)' torch==2.13.0
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -c 'import torch, transformers as t; assert t.__version__ == "$(TRANSFORMERS_OLDEST)", t.__version__; print("transformers", t.__version__, "torch", torch.__version__)'
+	$(COMPAT_PY) -m pytest -m "not slow and not gpu" -q $(COMPAT_TESTS)
+
 test-slow: setup
 	$(PY) -m pytest -m "slow" -q
 
@@ -38,4 +56,4 @@ lint: setup
 	$(VENV)/bin/ruff check pipeline kernels tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-compat runs

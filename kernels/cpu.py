@@ -12,17 +12,158 @@ Forward, for one span ``S`` (query heads of one KV head folded into the rows, so
 So the work is the kept pairs plus two ``c x c`` triangles per chunk, in a handful of kernel calls whatever N.
 Backward is FlashAttention's: per query chunk, each key segment's gradient comes from the flash backward kernel
 given the merged output and log-sum-exp (:func:`chunk_plan` lists the segments).
+
+The fused kernels are private ATen ops (tested on torch 2.13). On first use they are checked against a tiny dense
+computation (output, log-sum-exp layout, gradients); where they are missing or disagree, a portable matmul-softmax
+implementation of the same contract (:func:`portable_flash_forward`, :func:`portable_flash_backward`) takes over,
+with one warning. It computes the same pairs, in row blocks of bounded size, only slower.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+FUSED_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+"""The private ATen forward and backward ops of PyTorch's fused CPU flash attention."""
+PORTABLE_BLOCK = 1 << 22
+"""Score elements per row block of the portable path (16 MiB in float32), which bounds its extra memory."""
+_selected_ops: tuple[Callable, Callable] | None = None  # (forward, backward), chosen on first use
+
+
+def _flash_fwd(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """Flash forward: ``(out (..., L, D), lse (..., L))``, by the fused op or its portable stand-in."""
+    return _ops()[0](query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+def _flash_bwd(grad_out, query, key, value, out, lse, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """Flash backward: ``(dq, dk, dv)`` given the forward's output and log-sum-exp."""
+    return _ops()[1](grad_out, query, key, value, out, lse, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+def _ops() -> tuple[Callable, Callable]:
+    """The fused ops where they pass :func:`fused_ops_problem`, else the portable ones (warning once)."""
+    global _selected_ops
+    if _selected_ops is None:
+        problem = fused_ops_problem()
+        if problem is None:
+            _selected_ops = fused_ops()
+        else:
+            warnings.warn(f"kernels.cpu: {problem} on torch {torch.__version__}; using the portable attention path "
+                          "(same results, slower)", RuntimeWarning, stacklevel=4)
+            _selected_ops = (portable_flash_forward, portable_flash_backward)
+    return _selected_ops
+
+
+def fused_ops() -> tuple[Callable, Callable]:
+    """PyTorch's fused CPU flash-attention forward and backward; AttributeError where this torch lacks them."""
+    return tuple(getattr(torch.ops.aten, name) for name in FUSED_OPS)
+
+
+def fused_ops_problem() -> str | None:
+    """Why the fused ops cannot be used here, or None when they exist and match a tiny dense computation."""
+    try:
+        fwd, bwd = fused_ops()
+    except (AttributeError, RuntimeError) as err:
+        return f"PyTorch's fused CPU flash-attention op is missing ({err})"
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # first use may come under no_grad or inference
+            return _check_ops(fwd, bwd)
+    except Exception as err:  # noqa: BLE001 - a private op failing in any way means: do not use it
+        return f"PyTorch's fused CPU flash-attention op failed its check ({type(err).__name__}: {err})"
+
+
+def _check_ops(fwd: Callable, bwd: Callable) -> str | None:
+    """Run ``fwd``/``bwd`` as this module does (causal, and masked with the log-sum-exp stored ``(B, L, H)``) on a
+    tiny problem; compare output, log-sum-exp and gradients with a float64 dense computation."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(4))  # (B, H, L, D)
+    causal_keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    band_keep = causal_keep & ~causal_keep.tril(-3)  # a band of 3
+    band_keep[:, 0] = True  # and a sink
+    band_mask = torch.zeros(6, 6).masked_fill_(~band_keep, float("-inf"))
+    for causal, attn_mask, keep in ((True, None, causal_keep), (False, band_mask, band_keep)):
+        q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+        scores = (q64 @ k64.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf"))  # (B, H, L, L)
+        lse_ref = torch.logsumexp(scores, dim=-1)  # (B, H, L)
+        out_ref = torch.softmax(scores, dim=-1) @ v64
+        grads_ref = torch.autograd.grad(out_ref, (q64, k64, v64), dout.double())
+        out, lse = fwd(q, k, v, 0.0, causal, attn_mask=attn_mask, scale=0.5)
+        if tuple(lse.shape) != tuple(lse_ref.shape) or not torch.allclose(lse.double(), lse_ref, atol=1e-4):
+            return f"the fused op's log-sum-exp {tuple(lse.shape)} does not match torch.logsumexp {tuple(lse_ref.shape)}"
+        if not torch.allclose(out.double(), out_ref, atol=1e-4):
+            return "the fused op's output does not match dense attention"
+        lse_stored = torch.empty(1, 6, 2, dtype=lse.dtype).transpose(1, 2).copy_(lse)  # (B, H, L) in (B, L, H) order
+        grads = bwd(dout, q, k, v, out, lse_stored, 0.0, causal, attn_mask=attn_mask, scale=0.5)
+        if not all(torch.allclose(g.double(), r, atol=1e-4) for g, r in zip(grads, grads_ref, strict=True)):
+            return "the fused backward op's gradients do not match dense attention"
+    return None
+
+
+def _row_blocks(query: torch.Tensor, key: torch.Tensor):
+    """Row ranges ``[r0, r1)`` of ``query`` whose score blocks hold at most :data:`PORTABLE_BLOCK` elements."""
+    rows, per_row = query.shape[-2], max(1, query.shape[:-2].numel() * key.shape[-2])
+    step = max(1, PORTABLE_BLOCK // per_row)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def _block_scores(query, key, r0: int, r1: int, is_causal: bool, attn_mask, scale: float, dtype) -> torch.Tensor:
+    """Masked, scaled scores of rows ``[r0, r1)``: ``(..., r, S)`` in ``dtype``; masked pairs are -inf."""
+    scores = torch.matmul(query[..., r0:r1, :].to(dtype), key.to(dtype).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        scores = scores + attn_mask[..., r0:r1, :].to(dtype)
+    if is_causal:  # top-left aligned, as the fused op
+        rows = torch.arange(r0, r1, device=query.device).view(-1, 1)
+        scores = scores.masked_fill(torch.arange(key.shape[-2], device=query.device) > rows, float("-inf"))
+    return scores
+
+
+def portable_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The fused forward's contract in plain torch: ``(out (..., L, D) in query's dtype, lse (..., L))``.
+
+    query: (..., L, D); key, value: (..., S, D) with the same leading dims; attn_mask: additive, broadcastable to
+    (..., L, S). A row that keeps no key gets output 0 and log-sum-exp -inf.
+    """
+    if dropout_p:
+        raise ValueError("the portable flash path has no dropout")
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out = query.new_empty(query.shape)
+    lse = torch.empty(query.shape[:-1], dtype=acc, device=query.device)
+    values = value.to(acc)
+    for r0, r1 in _row_blocks(query, key):
+        scores = _block_scores(query, key, r0, r1, is_causal, attn_mask, scale, acc)  # (..., r, S)
+        lse[..., r0:r1] = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., r0:r1, None]).nan_to_num_(0.0)  # empty rows: exp(nan) -> 0
+        out[..., r0:r1, :] = torch.matmul(probs, values).to(query.dtype)
+    return out, lse
+
+
+def portable_flash_backward(grad_out, query, key, value, out, lse, dropout_p=0.0, is_causal=False, *,
+                            attn_mask=None, scale=None):
+    """The fused backward's contract in plain torch: ``(dq, dk, dv)`` from the forward's ``out`` and ``lse``."""
+    if dropout_p:
+        raise ValueError("the portable flash path has no dropout")
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    dq = torch.empty(query.shape, dtype=acc, device=query.device)
+    dk = torch.zeros(key.shape, dtype=acc, device=key.device)
+    dv = torch.zeros(value.shape, dtype=acc, device=value.device)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1)  # (..., L): rowsum(dO * O)
+    keys, values = key.to(acc), value.to(acc)
+    for r0, r1 in _row_blocks(query, key):
+        scores = _block_scores(query, key, r0, r1, is_causal, attn_mask, scale, acc)  # (..., r, S)
+        probs = torch.exp(scores - lse[..., r0:r1, None].to(acc)).nan_to_num_(0.0)
+        dout = grad_out[..., r0:r1, :].to(acc)  # (..., r, D)
+        dv += torch.matmul(probs.transpose(-1, -2), dout)
+        dscores = probs * (torch.matmul(dout, values.transpose(-1, -2)) - delta[..., r0:r1, None]) * scale
+        dq[..., r0:r1, :] = torch.matmul(dscores, keys)
+        dk += torch.matmul(dscores.transpose(-1, -2), query[..., r0:r1, :].to(acc))
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 # Rows per query chunk. Each row also computes chunk - 1 masked keys, but the flash kernel only uses 64-row query
 # blocks from 192 rows on (32 below). Measured (8 heads, D=64, N=8192, span N/4, shared 2-core CPU, medians of 5

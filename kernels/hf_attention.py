@@ -8,8 +8,12 @@ Importing this module registers two functions under the name ``moa``:
 - in ``AttentionMaskInterface``: :func:`moa_mask`, which builds no mask (the kernels apply the pattern
   themselves) and only refuses padding, which is out of scope: batches must hold equal-length prompts.
 
-Each attention module carries its rules as ``module.moa_rules`` (a :class:`LayerRules`, attached by
-:func:`pipeline.sparse_runtime.apply_plan`). Three cases:
+Each attention module carries its rules as ``module.moa_rules`` (a :class:`LayerRules`, attached with
+:func:`attach` by :func:`pipeline.sparse_runtime.apply_plan`). How the attention function finds the KV cache
+differs across transformers versions (5.17 consumes ``past_key_values`` in the attention module and passes the
+function nothing; later versions call it ``cache``), so :func:`attach` also registers a forward pre-hook that
+records whichever :class:`~transformers.cache_utils.Cache` the module is called with (``module.moa_cache``,
+cleared after the call). Three cases:
 
 - no cache, or a transformers cache during prefill: spans are evaluated at the query length ``n``;
 - prefill into a :class:`kernels.kv_cache.PerHeadKVCache`: the cache's fixed spans (planned total length);
@@ -26,13 +30,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
 import kernels
 from kernels.decode import packed_decode_attention
-from kernels.kv_cache import CACHE_KWARG
+from kernels.kv_cache import PerHeadLayer
 
 ATTENTION_NAME = "moa"
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+"""Names decoder layers pass the KV cache under: ``cache`` (after 5.17), ``past_key_values`` (5.17), ``past_key_value`` (4.x)."""
 _DECODE_BACKEND = {"cpu": "torch"}  # prefill backend name -> decode backend name, where they differ
 
 
@@ -62,16 +69,21 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError("'moa' attention applies its own sparse causal pattern; custom attention masks are not supported")
     if dropout:
         raise ValueError("'moa' attention is for inference: attention dropout must be 0 (call model.eval())")
-    cache_layer = kwargs.get(CACHE_KWARG)
+    cache_layer = per_head_layer(module)
     n = query.shape[2]
     if cache_layer is None:
         if key.shape[2] != n:
             raise ValueError(
                 f"attention layer {layer_idx}: decoding with 'moa' needs the per-head cache; pass "
-                "cache=pipeline.sparse_runtime.make_cache(...) to generate() (or use sparse_runtime.generate)"
+                "past_key_values=pipeline.sparse_runtime.make_cache(...) to generate() (or use sparse_runtime.generate)"
             )
         # Spans stay on the host: the kernels move them, and their argument checks then never sync the GPU.
         out = kernels.moa_attention(query, key, value, rules.spans(n), rules.sink, backend=rules.backend, scale=scaling)
+    elif cache_layer.seen < n:
+        raise ValueError(
+            f"attention layer {layer_idx} got a per-head cache that the model did not fill: pass it under the "
+            "cache argument of this transformers version (past_key_values=, see sparse_runtime.cache_argument())"
+        )
     elif cache_layer.seen == n:  # prefill: the cache returned the prompt's own states
         out = kernels.moa_attention(query, key, value, cache_layer.query_spans, cache_layer.sink,
                                     backend=rules.backend, scale=scaling)
@@ -81,6 +93,51 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             keep=cache_layer.decode_keep(), scale=scaling, backend=_DECODE_BACKEND.get(rules.backend, rules.backend),
         )
     return out.transpose(1, 2).contiguous(), None  # (B, n, Hq, D)
+
+
+def attach(module: torch.nn.Module, rules: LayerRules) -> None:
+    """Give an attention module its rules and the hooks that record its KV cache; replaces earlier ones."""
+    detach(module)
+    module.moa_rules = rules
+    module.moa_cache = None
+    module.moa_hooks = (
+        module.register_forward_pre_hook(_record_cache, with_kwargs=True),
+        module.register_forward_hook(_release_cache, always_call=True),
+    )
+
+
+def detach(module: torch.nn.Module) -> None:
+    """Undo :func:`attach` (a no-op on a module that was never attached)."""
+    for handle in getattr(module, "moa_hooks", ()):
+        handle.remove()
+    for name in ("moa_rules", "moa_cache", "moa_hooks"):
+        if hasattr(module, name):
+            delattr(module, name)
+
+
+def find_cache(args: tuple, kwargs: dict) -> Cache | None:
+    """The KV cache among an attention module's call arguments: a known argument name first, else any Cache."""
+    for name in CACHE_ARGUMENTS:
+        if isinstance(kwargs.get(name), Cache):
+            return kwargs[name]
+    return next((x for x in (*args, *kwargs.values()) if isinstance(x, Cache)), None)
+
+
+def per_head_layer(module: torch.nn.Module) -> PerHeadLayer | None:
+    """The module's layer of the per-head cache it was called with, or None (no cache, or another kind)."""
+    layers = getattr(getattr(module, "moa_cache", None), "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    if layers is None or idx is None or idx >= len(layers):
+        return None
+    return layers[idx] if isinstance(layers[idx], PerHeadLayer) else None
+
+
+def _record_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    module.moa_cache = find_cache(args, kwargs)
+
+
+def _release_cache(module: torch.nn.Module, args: tuple, output) -> None:
+    module.moa_cache = None  # do not keep the cache's buffers alive after the call
 
 
 def moa_mask(*, attention_mask: torch.Tensor | None = None, **_) -> None:

@@ -28,9 +28,6 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-CACHE_KWARG = "moa_cache_layer"
-"""Key under which a layer's ``update`` puts itself into the attention kwargs (transformers passes that dict)."""
-
 
 class PerHeadLayer(CacheLayerMixin):
     """One decoder layer's packed per-head cache.
@@ -81,19 +78,18 @@ class PerHeadLayer(CacheLayerMixin):
                 f"{self.keys.shape[-1]} in {self.keys.dtype}; got states {tuple(key_states.shape)} in {key_states.dtype}"
             )
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, kwargs: dict | None = None, **_):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *_, **__):
         """Write new states (``[B, Hkv, n, D]``) into their slots; return what the attention reads.
 
         Prefill (empty cache) returns the prompt's own states, so prefill attention sees every prompt key; a
-        decode step returns the packed buffers. ``kwargs`` (the attention kwargs, updated in place the way
-        transformers' paged cache does) receives this layer under :data:`CACHE_KWARG`.
+        decode step returns the packed buffers. Extra arguments (``cache_kwargs`` or the attention ``kwargs``,
+        depending on the transformers version) are ignored: the ``moa`` attention finds this layer through the
+        cache its module was called with (:func:`kernels.hf_attention.per_head_layer`).
         """
         self._check(key_states)
         n = key_states.shape[-2]
         if self.seen + n > self.total:
             raise ValueError(f"per-head cache was planned for {self.total} tokens; {self.seen + n} do not fit")
-        if kwargs is not None:
-            kwargs[CACHE_KWARG] = self
         if self.seen == 0:
             positions = torch.arange(n, device=self.device).expand(self.ring.numel(), n)  # (Hkv, n)
             keep = (positions < self.sink) | (positions >= n - self.ring.view(-1, 1))  # the last S_h, plus sinks
@@ -176,7 +172,7 @@ class PerHeadLayer(CacheLayerMixin):
 
 
 class PerHeadKVCache(Cache):
-    """A transformers :class:`Cache` of :class:`PerHeadLayer` s, for ``model.generate(cache=...)``.
+    """A transformers :class:`Cache` of :class:`PerHeadLayer` s, for ``model.generate(past_key_values=...)``.
 
     query_spans / kv_spans: per layer, ``[Hq]`` and ``[Hkv]`` spans at the planned ``total`` length.
     """

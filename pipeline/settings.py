@@ -543,7 +543,7 @@ class BenchmarkSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> BenchmarkSettings:
-        from kernels.bench import DECODE_BACKENDS, PREFILL_BACKENDS
+        from kernels.bench import BENCH_DECODE_BACKENDS, BENCH_PREFILL_BACKENDS
 
         read = _section(cfg, "benchmark")
         ints = {key: _int(f"benchmark.{key}", read(key), 0 if key == "warmup" else 1)
@@ -554,9 +554,9 @@ class BenchmarkSettings:
         return cls(
             seq_lens=_optional(_int_list, "benchmark.seq_lens", read("seq_lens"), 1),
             densities=_fraction_list("benchmark.densities", read("densities")),
-            backends=_choice_list("benchmark.backends", read("backends"), PREFILL_BACKENDS),
+            backends=_choice_list("benchmark.backends", read("backends"), BENCH_PREFILL_BACKENDS),
             decode_seq_lens=_optional(_int_list, "benchmark.decode_seq_lens", read("decode_seq_lens"), 1),
-            decode_backends=_choice_list("benchmark.decode_backends", read("decode_backends"), DECODE_BACKENDS),
+            decode_backends=_choice_list("benchmark.decode_backends", read("decode_backends"), BENCH_DECODE_BACKENDS),
             dtype=_choice("benchmark.dtype", read("dtype"), BENCH_DTYPES),
             **ints,
         )
@@ -571,9 +571,9 @@ class BenchmarkSettings:
         dtype = ("bfloat16" if cuda else "float32") if self.dtype == "auto" else self.dtype
         return bench.BenchSettings(
             seq_lens=seq_lens, densities=self.densities,
-            backends=bench.available_backends(self.backends, device, bench.PREFILL_BACKENDS),
+            backends=bench.available_backends(self.backends, device, bench.BENCH_PREFILL_BACKENDS),
             decode_seq_lens=self.decode_seq_lens or seq_lens,
-            decode_backends=bench.available_backends(self.decode_backends, device, bench.DECODE_BACKENDS),
+            decode_backends=bench.available_backends(self.decode_backends, device, bench.BENCH_DECODE_BACKENDS),
             batch=self.batch, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, sink=sink,
             dtype=DTYPES[dtype], device=device, warmup=self.warmup, repeats=self.repeats,
             decode_repeats=self.decode_repeats, error_rows=self.error_rows, seed=seed,

@@ -14,9 +14,8 @@ from conftest import TINY_ARCHS, make_tiny_model
 from transformers import AttentionInterface
 
 from kernels.pattern import head_masks
-from pipeline.errors import UserError
 from pipeline.plan import Plan
-from pipeline.sparse_runtime import apply_plan, generate, make_cache, remove_plan
+from pipeline.sparse_runtime import apply_plan, generate, make_cache, plan_applied, remove_plan
 
 SINK = 3
 
@@ -128,13 +127,16 @@ def test_generate_equals_recomputation(request, arch, granularity, heads, kv_hea
     assert_matches_recomputation(model, plan, ids, result, new, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # renamed to `cache` after 5.17
 def test_generate_accepts_a_prebuilt_cache():
+    """``model.generate(ids, past_key_values=make_cache(...))``, the standard argument of every supported version."""
     model = make_tiny_model("llama")
     model.generation_config.eos_token_id = None
-    apply_plan(model, random_plan(model, scale=0.5))
+    plan = apply_plan(model, random_plan(model, scale=0.5))
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
-    out = model.generate(ids, cache=make_cache(model, 12, 6), max_new_tokens=6, do_sample=False)
-    assert torch.equal(out, generate(model, ids, 6, do_sample=False))
+    result = model.generate(ids, past_key_values=make_cache(model, 12, 6), max_new_tokens=6, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    assert_matches_recomputation(model, plan, ids, result, 6, atol=1e-4, rtol=1e-4)
 
 
 def test_out_of_scope_inputs_are_refused():
@@ -147,6 +149,35 @@ def test_out_of_scope_inputs_are_refused():
         model(ids, attention_mask=padding)
     with pytest.raises(ValueError, match="per-head cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False)
+
+
+def test_library_errors_are_value_errors():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        apply_plan(model, random_plan(model), backend="fast")
+    with pytest.raises(ValueError, match="no sparse plan"):
+        remove_plan(model)
+
+
+def test_plan_applied_removes_the_plan_on_error():
+    """Leaving the block by an exception restores the model's own attention bit for bit, hooks included."""
+    model = make_tiny_model("qwen3", layers=2)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with pytest.raises(KeyError, match="inside"), plan_applied(model, random_plan(model), backend="cpu") as plan:
+            assert plan.sink == SINK and model.moa_plan is plan
+            sparse = model(ids).logits
+            with pytest.raises(ValueError, match="already applied"), plan_applied(model, plan):
+                pass
+            raise KeyError("inside")
+        restored = model(ids).logits
+    assert (sparse - dense).abs().max() > 1e-3
+    assert torch.equal(restored, dense)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "moa_plan")
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert not any(name.startswith("moa_") for name in vars(module))
 
 
 @pytest.mark.slow
@@ -172,5 +203,5 @@ def test_smollm2_generate_equals_recomputation():
     result = generate(model, ids, new, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert_matches_recomputation(model, plan, ids, result, new, atol=2e-3, rtol=1e-3)
     wrong = dataclasses.replace(info, fingerprint="0" * 16)
-    with pytest.raises(UserError, match="fingerprint"):
+    with pytest.raises(ValueError, match="fingerprint"):
         apply_plan(model, plan, info=wrong)

@@ -5,13 +5,14 @@ import torch
 from conftest import make_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AttentionInterface
 
 from kernels.decode import packed_decode_attention
 from kernels.kv_cache import PerHeadLayer
 from kernels.pattern import token_mask
 from kernels.reference import moa_attention_reference
-from pipeline.plan import Plan, kv_density
-from pipeline.sparse_runtime import apply_plan, make_cache
+from pipeline.plan import Plan, plan_kv_density, spans_for
+from pipeline.sparse_runtime import apply_plan, cache_argument, make_cache
 
 
 def position_states(positions, hkv: int) -> torch.Tensor:
@@ -94,22 +95,51 @@ def test_decode_matches_reference(query_spans, sink, backend):
 
 
 @pytest.mark.parametrize("granularity", ["kv_head", "head"])
-def test_memory_is_plan_kv_density(granularity):
-    model = make_tiny_model("llama", layers=3, heads=4, kv_heads=4, head_dim=16)
+def test_gqa_memory_is_plan_kv_density_and_decode_equals_recomputation(granularity):
+    """Under GQA (4 query heads on 2 KV heads): allocated bytes are the plan's KV density times the dense cache,
+    and decoding through the cache equals the dense masked recomputation. At ``head`` granularity the query heads
+    of a group have different spans, so each KV head's ring is its group's largest span and the narrower heads
+    must mask some cached tokens."""
+    layers, batch, prompt, new, steps = 3, 2, 60, 140, 6
+    model = make_tiny_model("llama", layers=layers, heads=4, kv_heads=2, head_dim=16)
     plan = Plan.uniform(model, 0.0, sink=8, min_span=4, granularity=granularity)
     heads = len(plan.alphas[0])
-    plan.alphas = [[4.0 + 9 * h + 5 * layer for h in range(heads)] for layer in range(3)]
-    plan.betas = [[0.3 * h for h in range(heads)] for _ in range(3)]
-    apply_plan(model, plan)
-    batch, prompt, new = 2, 60, 140
+    plan.alphas = [[4.0 + 9 * h + 5 * layer for h in range(heads)] for layer in range(layers)]
+    plan.betas = [[0.15 * (h % 2) + 0.1 * (h // 2) for h in range(heads)] for _ in range(layers)]
+    plan = apply_plan(model, plan)
+    if granularity == "head":  # spans differ within every group, and some rings wrap during the prompt
+        spans = torch.stack([spans_for(plan, layer, prompt + new) for layer in range(layers)]).view(layers, 2, 2)
+        assert (spans[..., 0] != spans[..., 1]).all() and spans.amax(-1).min() + plan.sink < prompt
     cache = make_cache(model, prompt, new, batch_size=batch)
-    dense = 3 * batch * 4 * (prompt + new) * 16 * 2 * 4  # layers, batch, KV heads, tokens, dim, K and V, fp32
-    expected = kv_density(plan, prompt + new) * dense
+    dense = layers * batch * 2 * (prompt + new) * 16 * 2 * 4  # layers, batch, KV heads, tokens, dim, K and V, fp32
+    expected = plan_kv_density(plan, prompt + new) * dense
     assert abs(cache.nbytes_allocated - expected) <= 0.02 * expected
-    model(torch.zeros(batch, prompt, dtype=torch.long), cache=cache)
-    used = sum(min(prompt, c) for layer in cache.layers for c in layer.capacities) * batch * 16 * 2 * 4
-    assert cache.nbytes_used == used < cache.nbytes_allocated
-    assert cache.get_seq_length() == prompt
+
+    seq = torch.randint(0, 128, (batch, prompt + steps), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        logits = [model(seq[:, :prompt], **{cache_argument(): cache}).logits[:, -1]]
+        used = sum(min(prompt, c) for layer in cache.layers for c in layer.capacities) * batch * 16 * 2 * 4
+        assert cache.nbytes_used == used < cache.nbytes_allocated
+        for i in range(prompt, prompt + steps - 1):
+            logits.append(model(seq[:, i:i + 1], **{cache_argument(): cache}).logits[:, -1])
+        recomputed = recompute_logits(model, plan, seq[:, :-1], prompt + new)[:, prompt - 1:]  # (B, steps, V)
+    torch.testing.assert_close(torch.stack(logits, dim=1), recomputed, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == prompt + steps - 1
+
+
+def recompute_logits(model, plan, ids, span_length):
+    """The whole sequence at once under :func:`moa_attention_reference` with spans fixed at ``span_length``."""
+    def reference(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        spans = spans_for(plan, module.layer_idx, span_length)
+        return moa_attention_reference(query, key, value, spans, plan.sink, scale=scaling).transpose(1, 2), None
+
+    AttentionInterface.register("moa_test_reference", reference)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("moa_test_reference")
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def test_refuses_what_it_cannot_hold():
