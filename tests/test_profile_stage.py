@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,12 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pipeline.stages.profile as profile_stage
+from pipeline.artifacts import ArtifactError
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.profile import attention_influence
+from pipeline.run import compose
+from pipeline.settings import check_all
 
 BLOCK = 16
-PROFILE_YAML = Path(__file__).resolve().parents[1] / "pipeline" / "conf" / "profile" / "default.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,9 @@ def loaded():
 
 
 def make_cfg(lengths, **profile):
-    cfg = OmegaConf.create({
-        "calibration": {"lengths": lengths},
-        "sparse": {"sink": 64, "min_span": 64, "block_size": BLOCK, "granularity": "kv_head"},
-        "profile": OmegaConf.load(PROFILE_YAML),
-    })
-    for key, value in profile.items():
-        OmegaConf.update(cfg, f"profile.{key}", value)
-    return cfg
+    overrides = [f"profile.{key}={value}" for key, value in profile.items()]
+    return compose(["model=tiny", "stage=profile", f"calibration.lengths=[{','.join(map(str, lengths))}]",
+                    f"sparse.block_size={BLOCK}", *overrides])
 
 
 def write_calibration(run_dir, n, real_lengths, prompt=0.5, seed=0):
@@ -61,7 +57,8 @@ def write_calibration(run_dir, n, real_lengths, prompt=0.5, seed=0):
 
 def make_ctx(cfg, run_dir, loaded, force=False):
     """A StageContext whose model is the tiny one and whose MLflow logging is recorded in memory."""
-    ctx = StageContext(cfg=cfg, name="profile", run_dir=run_dir, config_hash="test", force=force)
+    ctx = StageContext(cfg=cfg, name="profile", run_dir=run_dir, config_hash="test", tracker=None, run=None,
+                       settings=check_all(cfg), force=force)
     ctx.load_model = lambda: loaded
     ctx.metrics, ctx.figures = [], []
     ctx.log_params = lambda params: None
@@ -175,13 +172,13 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, loaded, caplog):
 
 def test_missing_or_unusable_calibration_is_a_user_error(tmp_path, loaded):
     ctx = make_ctx(make_cfg([32]), tmp_path, loaded)
-    with pytest.raises(UserError, match=r"calibration_32\.safetensors.*stage=calibrate"):
+    with pytest.raises(ArtifactError, match=r"calibration_32\.safetensors.*stage=calibrate"):
         profile_stage.run_profile(ctx)
     empty = {"input_ids": torch.zeros(0, 32, dtype=torch.int64), "loss_mask": torch.zeros(0, 32, dtype=torch.uint8),
              "lengths": torch.zeros(0, dtype=torch.int64), "prompt_lengths": torch.zeros(0, dtype=torch.int64)}
     (tmp_path / "calibrate").mkdir()
     save_file(empty, str(tmp_path / "calibrate" / "calibration_32.safetensors"))
-    with pytest.raises(UserError, match=r"calibration_32\.safetensors holds no samples.*stage=calibrate"):
+    with pytest.raises(ArtifactError, match=r"calibration_32\.safetensors holds no samples.*stage=calibrate"):
         profile_stage.run_profile(ctx)
     tensors = write_calibration(tmp_path, 32, [32, 30])
     tensors["loss_mask"].zero_()
@@ -192,8 +189,8 @@ def test_missing_or_unusable_calibration_is_a_user_error(tmp_path, loaded):
 
 @pytest.mark.parametrize("key,value", [("sparse.granularity", "query"), ("sparse.block_size", 0),
                                        ("profile.dtype", "float16"), ("profile.lengths", [])])
-def test_bad_config_values_name_the_key(tmp_path, loaded, key, value):
+def test_bad_config_values_name_the_key(key, value):
     cfg = make_cfg([32])
     OmegaConf.update(cfg, key, value)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        profile_stage.run_profile(make_ctx(cfg, tmp_path, loaded))
+        check_all(cfg)
