@@ -165,17 +165,15 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def log_mlflow(rows: list[dict], uri: str, csv_path: Path) -> None:
-    import mlflow
+    from pipeline.tracking import Tracker
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("bench_profile")
-    with mlflow.start_run(run_name="bench_profile"):
+    tracker = Tracker(uri, "bench_profile", csv_path.parent)
+    with tracker.run("bench_profile") as parent:
         for row in rows:
-            with mlflow.start_run(run_name=f"{row['method']}@{row['seq_len']}", nested=True):
-                mlflow.log_params({k: row[k] for k in ("method", "seq_len", "status") if k in row})
-                mlflow.log_metrics({k: float(v) for k, v in row.items()
-                                    if isinstance(v, (int, float)) and k != "seq_len"})
-        mlflow.log_artifact(str(csv_path))
+            with tracker.run(f"{row['method']}@{row['seq_len']}", parent=parent) as run:
+                run.log_params({k: row[k] for k in ("method", "seq_len", "status") if k in row})
+                run.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "seq_len"})
+        parent.log_artifact(csv_path)
 
 
 def parse(argv=None):

@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -146,15 +147,14 @@ def main() -> None:
     rows = [rules_row, *summary, *runs]
     write_csv(args.csv, pd.DataFrame(rows))
     if args.tracking_uri:
-        import mlflow
+        from pipeline.tracking import Tracker
 
-        mlflow.set_tracking_uri(args.tracking_uri)
-        mlflow.set_experiment("moa-bench-solver")
+        tracker = Tracker(args.tracking_uri, "moa-bench-solver", Path(args.csv).parent)
         for row in rows:
-            with mlflow.start_run(run_name=f"{row['bench']}:{row['backend']}"):
+            with tracker.run(f"{row['bench']}:{row['backend']}") as run:
                 measured = {k: float(v) for k, v in row.items() if k in MEASURED or k.startswith("ratio_vs_")}
-                mlflow.log_params({k: v for k, v in row.items() if k not in measured})
-                mlflow.log_metrics(measured)
+                run.log_params({k: v for k, v in row.items() if k not in measured})
+                run.log_metrics(measured)
 
 
 if __name__ == "__main__":
