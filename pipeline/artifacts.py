@@ -6,8 +6,8 @@ layout (see ``docs/artifacts.md``)::
     calibrate/calibration_<N>.safetensors, samples_<N>.jsonl, manifest.json
     profile/influence_<N>.safetensors, long_range_<N>.png, summary.json
     rules/loss_table.parquet, head_scaling.csv
-    plans/plan_<i>.json                   optimize/front.json
-    validate/heldout_<N>.safetensors, results.csv
+    plans/plan_<i>.json, binary_<budget>.json        optimize/front.json
+    validate/heldout_<N>.safetensors, results.csv, selected_<budget>.json
     plan.json                             (the selected plan)
     bench/kernels.csv
     <stage>/.done.json                    (completion markers, see pipeline.runner)
@@ -78,6 +78,14 @@ class RunArtifacts:
     def candidate_plans(self) -> list[Path]:
         """The front's plan files in index order."""
         return sorted(self.plans_dir.glob("plan_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+
+    def binary_plan(self, budget: str) -> Path:
+        """The binary (full-or-streaming heads) baseline plan at budget ``budget`` (its label)."""
+        return self.plans_dir / f"binary_{budget}.json"
+
+    def selected_plan_at(self, budget: str) -> Path:
+        """The validated choice at budget ``budget`` (its label); ``plan.json`` is the first budget's."""
+        return self.run_dir / "validate" / f"selected_{budget}.json"
 
     @property
     def front(self) -> Path:

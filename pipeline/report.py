@@ -9,30 +9,34 @@ from pipeline.artifacts import ArtifactError, RunArtifacts
 
 
 def final_summary(cfg, run_dir: Path) -> str:
-    """A short human summary of the selected plan, or what is still missing for one."""
+    """A short human summary of the selected plans (one per budget), or what is still missing for one."""
     artifacts = RunArtifacts(run_dir)
     try:
         results = artifacts.load_validation_results()
     except ArtifactError:
         return f"no plan selected yet: {artifacts.validation_results} is missing (stage validate has not run)"
-    rows = results.set_index("plan")
-    candidates = results[results["plan"].str.startswith("plan_")]
-    best = candidates.loc[candidates["val_ppl"].idxmin()]
-    dense = rows.loc["dense", "val_ppl"]
-    uniform = results[results["plan"].str.startswith("uniform")]
-    length = int(best["length"])
-    lines = [
-        "",
-        f"Selected plan: {artifacts.selected_plan}  ({best['plan']}, best of {len(candidates)} front plans)",
-        f"  at the unseen validation length N={length}: KV density {best['kv_density']:.3f}"
-        + (f", attention density {best['attention_density']:.3f}" if "attention_density" in best else ""),
-        f"  validation perplexity {best['val_ppl']:.4f}: {best['val_ppl'] / dense:.3f}x dense ({dense:.4f})"
-        + (f", uniform window at the same KV density {uniform['val_ppl'].iloc[0]:.4f} "
-           f"({uniform['val_ppl'].iloc[0] / dense:.3f}x dense)" if len(uniform) else ""),
-        f"  results per candidate: {artifacts.validation_results}",
-        f"MLflow UI on these runs: {ui_command(cfg, run_dir)}",
-    ]
+    results = results.fillna({"budget": ""}).astype({"budget": str})
+    dense = float(results.loc[results["method"] == "dense", "val_ppl"].iloc[0])
+    length = int(results["length"].iloc[0])
+    lines = ["", f"Validation perplexity at the unseen length N={length} (dense {dense:.4f}):"]
+    first = None
+    for budget, rows in results[results["method"] != "dense"].groupby("budget", sort=False):
+        moa = rows[rows["method"] == "moa"]
+        best = moa.loc[moa["val_ppl"].idxmin()]
+        first = first or (budget, best["plan"])
+        lines.append(f"  budget {budget}: selected {best['plan']} (best of {len(moa)} shortlisted), "
+                     f"{artifacts.selected_plan_at(budget)}")
+        for _, row in rows.sort_values("method", key=lambda m: m.map(METHOD_ORDER)).iterrows():
+            lines.append(f"    {row['method']:<8} KV density {row['kv_density']:.3f}, attention density "
+                         f"{row['attention_density']:.3f}: ppl {row['val_ppl']:.4f} ({row['val_ppl'] / dense:.3f}x dense)"
+                         + ("  <- selected" if row["plan"] == best["plan"] else ""))
+    lines += [f"Selected plan (budget {first[0]}): {artifacts.selected_plan}  ({first[1]})",
+              f"All validation results: {artifacts.validation_results}",
+              f"MLflow UI on these runs: {ui_command(cfg, run_dir)}"]
     return "\n".join(lines)
+
+
+METHOD_ORDER = {"moa": 0, "binary": 1, "uniform": 2}
 
 
 def ui_command(cfg, run_dir: Path) -> str:

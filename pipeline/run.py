@@ -49,6 +49,12 @@ def _hydra_message(err: Exception) -> str:
         return f"unknown config key {key!r} (see pipeline/conf for the valid keys; prefix with + only to add new ones)"
     if "Could not find" in text or "Could not load" in text:
         return f"unknown config option: {text}"
+    cause = str(err.__cause__ or "").strip().splitlines()
+    if text.startswith("Error merging override") and cause and "Cannot merge" in cause[0]:
+        override = text.removeprefix("Error merging override").strip()
+        key = override.split("=", 1)[0]
+        return (f"{key}: bad value {override.split('=', 1)[-1]} (expected the shape of the default value: "
+                f"{cause[0][0].lower()}{cause[0][1:]}; where a list is expected, wrap the value in [...])")
     return f"bad config override: {text}"
 
 

@@ -417,20 +417,22 @@ class RulesSettings:
 class OptimizeSettings:
     """``optimize.*``: the plan MILP and its Pareto front."""
 
-    density_budget: dict[int, float]
-    """KV density upper bound per profile length, in length order."""
+    budgets: tuple[dict[int, float], ...]
+    """One front per entry: its KV density upper bound per profile length, in length order."""
     lower_bound_ratio: float | None
     max_rules_per_layer: int
     solver: str
     points: int
     time_limit: float | None
     gap_rel: float
+    binary_window: int | None
+    """The binary baseline's streaming window (tokens after the sink); None picks one per budget."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
         read = _section(cfg, "optimize")
         return cls(
-            density_budget=density_budgets(read("density_budget"), profile_lengths(cfg)),
+            budgets=density_budgets(read("density_budget"), profile_lengths(cfg)),
             lower_bound_ratio=_optional(_number, "optimize.lower_bound_ratio", read("lower_bound_ratio"),
                                         lambda x: 0 < x <= 1, "null or a number in (0, 1]"),
             max_rules_per_layer=_int("optimize.max_rules_per_layer", read("max_rules_per_layer"), 1),
@@ -439,12 +441,32 @@ class OptimizeSettings:
             time_limit=_optional(_number, "optimize.time_limit", read("time_limit"), lambda x: x > 0,
                                  "null or a number of seconds > 0"),
             gap_rel=_number("optimize.gap_rel", read("gap_rel"), lambda x: 0 <= x < 1, "a number in [0, 1)"),
+            binary_window=_optional(_int, "optimize.binary_window", read("binary_window"), 1),
         )
 
 
-def density_budgets(value: Any, lengths) -> dict[int, float]:
-    """``optimize.density_budget`` (a number, or a map from every profile length to a number) as ``{N: d}``."""
-    key, lengths, budget = "optimize.density_budget", sorted(lengths), "a number in (0, 1]"
+def density_budgets(value: Any, lengths) -> tuple[dict[int, float], ...]:
+    """``optimize.density_budget`` as one ``{N: d}`` per front: a number or a map from every profile length to a
+    number, or a list of those (one front per entry, e.g. ``[0.5, 0.25]``)."""
+    key = "optimize.density_budget"
+    if not isinstance(value, ListConfig | list | tuple):
+        return (_one_budget(key, value, lengths),)
+    if not value:
+        raise _bad(key, value, "a number in (0, 1], a map over the profile lengths, or a non-empty list of those")
+    budgets = tuple(_one_budget(f"{key}[{i}]", item, lengths) for i, item in enumerate(value))
+    labels = [budget_label(b) for b in budgets]
+    if len(set(labels)) != len(labels):
+        raise _bad(key, value, "distinct budgets (their values at the longest profile length name them)")
+    return budgets
+
+
+def budget_label(budget: dict[int, float]) -> str:
+    """The name of a budget in file names, tables and MLflow: its value at the longest profile length."""
+    return f"{budget[max(budget)]:g}"
+
+
+def _one_budget(key: str, value: Any, lengths) -> dict[int, float]:
+    lengths, budget = sorted(lengths), "a number in (0, 1]"
     if not isinstance(value, DictConfig | dict):
         expected = f"{budget}, or a map {{length: number}} over the profile lengths {lengths}"
         return dict.fromkeys(lengths, _number(key, value, _is_budget, expected))
@@ -477,6 +499,8 @@ class ValidateSettings:
     boundary; never a profile length. ``None`` only when built with ``need_length=False`` and no default exists."""
     samples: int
     backend: str
+    shortlist: int
+    """Front plans scored per budget: those losing least influence at the longest profile length."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, *, need_length: bool = True) -> ValidateSettings:
@@ -486,6 +510,7 @@ class ValidateSettings:
         return cls(
             length=validation_length(cfg, read("length"), need_length),
             samples=_int("validate.samples", read("samples"), 1),
+            shortlist=_int("validate.shortlist", read("shortlist"), 1),
             backend=_choice("validate.backend", read("backend"), PREFILL_BACKENDS),
         )
 

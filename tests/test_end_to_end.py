@@ -42,18 +42,34 @@ def test_stage_all_runs_every_implemented_stage_then_skips(full_run):
         ("calibrate", "profile", "rules", "optimize", "validate", "benchmark"), "skipped")
 
 
-def test_validation_selects_the_lowest_perplexity_candidate(full_run):
+def test_validation_selects_per_budget_the_lowest_perplexity_of_a_shortlist(full_run):
     run_dir, _ = full_run
-    results = pd.read_csv(run_dir / "validate" / "results.csv")
-    candidates = results[results["plan"].str.startswith("plan_")]
-    assert len(candidates) == len(list((run_dir / "plans").glob("plan_*.json")))
-    best = candidates.loc[candidates["val_ppl"].idxmin(), "plan"]
-    selected = load_plan(run_dir / "plan.json")
-    assert selected.to_dict() == load_plan(run_dir / "plans" / best).to_dict()
+    results = pd.read_csv(run_dir / "validate" / "results.csv", dtype={"budget": str})
+    front = json.loads((run_dir / "optimize" / "front.json").read_text())["plans"]
+    budgets = sorted({e["budget"] for e in front}, key=float, reverse=True)
+    assert budgets == ["0.5", "0.25"]
     length = int(results["length"].iloc[0])
-    assert length == VALIDATION_LENGTH and length not in selected.profile_lengths
-    uniform = results[results["plan"].str.startswith("uniform")].iloc[0]
-    assert abs(uniform["kv_density"] - plan_kv_density(selected, length)) < 0.02  # baseline at the same density
+    assert length == VALIDATION_LENGTH
+    for budget in budgets:
+        moa_front = [e for e in front if e["budget"] == budget and e["method"] == "moa"]
+        # Oracle for the shortlist: the 3 front plans with the least influence loss at the longest profile length.
+        expected = sorted(moa_front, key=lambda e: (e["influence_loss@1536"], e["influence_loss@768"]))[:3]
+        rows = results[results["budget"] == budget]
+        moa = rows[rows["method"] == "moa"]
+        assert sorted(moa["plan"]) == sorted(Path(e["plan"]).name for e in expected)
+        best = moa.loc[moa["val_ppl"].idxmin(), "plan"]
+        selected = load_plan(run_dir / "validate" / f"selected_{budget}.json")
+        assert selected.to_dict() == load_plan(run_dir / "plans" / best).to_dict()
+        assert length not in selected.profile_lengths
+        assert all(plan_kv_density(selected, n) <= float(budget) + 1e-9 for n in selected.profile_lengths)
+        uniform = rows[rows["method"] == "uniform"].iloc[0]
+        assert abs(uniform["kv_density"] - plan_kv_density(selected, length)) < 0.02  # baseline at the same density
+        binary = load_plan(run_dir / "plans" / f"binary_{budget}.json")
+        assert {(a, b) for la, lb in zip(binary.alphas, binary.betas, strict=True)
+                for a, b in zip(la, lb, strict=True)} <= {(0.0, 1.0), (float(binary.solver["streaming_window"]), 0.0)}
+        assert rows[rows["method"] == "binary"]["plan"].tolist() == [f"binary_{budget}.json"]
+    first = load_plan(run_dir / "validate" / f"selected_{budgets[0]}.json")
+    assert load_plan(run_dir / "plan.json").to_dict() == first.to_dict()
 
 
 def _prompts(data: dict) -> list[tuple[int, ...]]:
@@ -72,14 +88,19 @@ def test_no_held_out_sample_is_a_calibration_sample(full_run):
 
 def test_stage_all_ends_with_a_summary_of_the_selected_plan(full_run, capsys):
     run_dir, _ = full_run
-    results = pd.read_csv(run_dir / "validate" / "results.csv").set_index("plan")
-    best = results[results.index.str.startswith("plan_")]["val_ppl"].idxmin()
+    results = pd.read_csv(run_dir / "validate" / "results.csv", dtype={"budget": str}).set_index("plan")
+    moa = results[results["method"] == "moa"]
+    best = moa[moa["budget"] == "0.5"]["val_ppl"].idxmin()
     run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
     printed = capsys.readouterr().out
     summary = final_summary(compose(["model=tiny", f"run_dir={run_dir}"]), run_dir)
     assert summary.strip() in printed
-    assert f"({best}," in summary and str(run_dir / "plan.json") in summary
-    assert f"{results.loc[best, 'val_ppl']:.4f}" in summary and f"{results.loc['dense', 'val_ppl']:.4f}" in summary
+    assert f"({best})" in summary and str(run_dir / "plan.json") in summary
+    for plan, row in results.iterrows():  # every scored plan's perplexity, and the selection per budget
+        assert f"{row['val_ppl']:.4f}" in summary, plan
+    for budget in ("0.5", "0.25"):
+        chosen = moa[moa["budget"] == budget]["val_ppl"].idxmin()
+        assert f"budget {budget}: selected {chosen} " in summary
     assert f"make ui RUN_DIR={run_dir}" in summary
 
 
@@ -88,12 +109,13 @@ def test_candidate_runs_carry_their_validation_perplexity(full_run):
     mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["moa-autotune"], filter_string="tags.kind = 'plan_candidate'")
     front = json.loads((run_dir / "optimize" / "front.json").read_text())
-    assert len(runs) == len(front["plans"])
+    assert len(runs) == sum(e["method"] == "moa" for e in front["plans"])
     results = pd.read_csv(run_dir / "validate" / "results.csv").set_index("plan")
-    for _, run in runs.iterrows():
-        plan_name = Path(run["params.plan"]).name
-        assert run["metrics.val_ppl"] == pytest.approx(results.loc[plan_name, "val_ppl"])
-        assert any(c.startswith("metrics.influence_loss:") for c in runs.columns)
+    scored = runs[runs["metrics.val_ppl"].notna()]
+    assert sorted(Path(p).name for p in scored["params.plan"]) == sorted(results[results["method"] == "moa"].index)
+    for _, run in scored.iterrows():
+        assert run["metrics.val_ppl"] == pytest.approx(results.loc[Path(run["params.plan"]).name, "val_ppl"])
+    assert any(c.startswith("metrics.influence_loss:") for c in runs.columns)
 
 
 def test_fronts_notebook_executes_on_the_run(full_run, monkeypatch):

@@ -109,6 +109,6 @@ def test_optimize_errors_name_the_length_and_the_stage_to_run(tmp_path, capsys):
     assert main([*base, "stage=optimize"]) == 2
     assert "stage=rules" in capsys.readouterr().err
     assert main([*base, "stage=rules"]) == 0
-    assert main([*base, "stage=optimize", "optimize.density_budget={768: 0.5, 1536: 0.01}"]) == 2
+    assert main([*base, "stage=optimize", "optimize.density_budget=[{768: 0.5, 1536: 0.01}]"]) == 2
     err = capsys.readouterr().err
     assert "length 1536" in err and "smallest KV density" in err

@@ -55,7 +55,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "rules.coverages": ("0.9", "[]", "[0.9,1.5]"),
     "rules.report_coverage": ("0.5", "2"),
     "rules.local_beta": ("-0.1", "abc"),
-    "optimize.density_budget": ("2", "0", "abc", "true", "[0.5]", "{768: 0.5}", ("{768: 0.5, 1536: 2}", "[1536]: bad value 2"),
+    "optimize.density_budget": ("2", "0", "abc", "true", "[]", ("[0.5,2]", "[1]: bad value 2"), "[0.5,0.5]", "{768: 0.5}", ("[{768: 0.5, 1536: 2}]", "[0][1536]: bad value 2"),
                                 "{768: 0.5, 1536: 0.5, 3072: 0.5}"),
     "optimize.lower_bound_ratio": ("0", "1.5"),
     "optimize.max_rules_per_layer": ("0", "true"),
@@ -63,9 +63,11 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "optimize.points": ("-1", "2.5"),
     "optimize.time_limit": ("0", "-5", "abc"),
     "optimize.gap_rel": ("-0.1", "1"),
+    "optimize.binary_window": ("0", "abc", "true"),
     "validate.length": ("768", "8", "abc"),
     "validate.samples": ("0", "true"),
     "validate.backend": ("warp",),
+    "validate.shortlist": ("0", "abc"),
     "benchmark.seq_lens": ("[0]", "1024", "[]"),
     "benchmark.densities": ("[2.0]", "[]"),
     "benchmark.backends": ("[dense,warp]", "dense"),
@@ -120,7 +122,7 @@ def assert_one_line_error(err: str, key: str, shown: str | None = None) -> str:
     assert len(lines) == 1, err
     line = lines[0]
     assert "Traceback" not in err
-    assert re.match(rf"error: {re.escape(key)}(\[\d+\])?: bad value ", line), line
+    assert re.match(rf"error: {re.escape(key)}(\[\d+\])*: bad value ", line), line
     assert "(expected " in line, line
     if shown is not None:
         assert _flat(shown) in _flat(line), line
@@ -165,7 +167,7 @@ def test_bad_value_exits_2_with_one_line_before_any_stage(tmp_path, capsys, no_s
     (("calibration.lengths=[1024,1088]",), "validate.length", "1024"),  # the default midpoint is a profile length
     (("rules.grid=<grid>",), "rules.grid", None),
     (("benchmark.heads=6", "benchmark.kv_heads=4"), "benchmark.kv_heads", "4"),
-    (("stage=calibrate", "optimize.density_budget={768: 0.5}"), "optimize.density_budget", None),
+    (("stage=calibrate", "optimize.density_budget=[{768: 0.5}]"), "optimize.density_budget", None),
 ])
 def test_cross_key_checks_name_the_key(tmp_path, capsys, no_stage_runs, overrides, key, shown):
     grid = tmp_path / "grid.yaml"
@@ -215,7 +217,7 @@ def test_cli_subprocess_rejects_a_later_stage_value_before_calibrate(tmp_path, o
 def test_default_and_tiny_configs_compose_into_typed_settings():
     default = check_all(compose([]))
     assert default.model.tiny is None and default.model.source == "smollm2_gguf"
-    assert default.optimize.density_budget == {512: 0.5, 1024: 0.5, 2048: 0.5}
+    assert default.optimize.budgets == ({512: 0.5, 1024: 0.5, 2048: 0.5}, {512: 0.25, 1024: 0.25, 2048: 0.25})
     assert default.validate.length == 1536  # midpoint of 1024 and 2048, block-aligned
     tiny = check_all(compose(["model=tiny"]))
     assert tiny.model.tiny.num_kv_heads == 2 and tiny.calibration.lengths == (768, 1536)
@@ -228,14 +230,14 @@ def test_valid_values_of_each_kind_are_accepted(tmp_path):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     settings = check_all(compose([
-        "model=tiny", f"run_dir={tmp_path}/run", "optimize.density_budget={768: 0.5, 1536: 0.25}",
+        "model=tiny", f"run_dir={tmp_path}/run", "optimize.density_budget=[{768: 0.5, 1536: 0.25}]",
         "optimize.lower_bound_ratio=0.9", "optimize.time_limit=null", "optimize.gap_rel=0", "optimize.solver=cbc",
         "validate.length=1000", "validate.backend=cpu", "tracking.uri=http://127.0.0.1:5000", "device=cpu",
         "benchmark.seq_lens=[1024]", "benchmark.dtype=float16", "benchmark.warmup=0", "profile.lengths=[1536,768]",
         "profile.dtype=float64", "rules.coverages=[0.5,0.8]", "rules.report_coverage=0.8", "rules.local_beta=0",
         "model.source=path", f"model.path={checkpoint}", "sparse.granularity=head", "sparse.sink=0",
     ]))
-    assert settings.optimize.density_budget == {768: 0.5, 1536: 0.25}
+    assert settings.optimize.budgets == ({768: 0.5, 1536: 0.25},)
     assert settings.optimize.time_limit is None and settings.optimize.lower_bound_ratio == 0.9
     assert settings.model.path == checkpoint and settings.model.name == "ckpt"  # runs named after the folder
     assert settings.validate.length == 1000 and settings.profile.lengths == (1536, 768)
@@ -252,7 +254,11 @@ def test_single_length_is_fine_until_validate_runs():
 
 
 def test_density_budget_forms():
-    assert density_budgets(1, [1024, 512]) == {512: 1.0, 1024: 1.0}
-    assert density_budgets({"512": 0.25, 1024: 0.5}, [512, 1024]) == {512: 0.25, 1024: 0.5}
+    assert density_budgets(1, [1024, 512]) == ({512: 1.0, 1024: 1.0},)
+    assert density_budgets({"512": 0.25, 1024: 0.5}, [512, 1024]) == ({512: 0.25, 1024: 0.5},)
+    assert density_budgets([0.5, {"512": 0.25, 1024: 0.3}], [512, 1024]) == (
+        {512: 0.5, 1024: 0.5}, {512: 0.25, 1024: 0.3})
+    with pytest.raises(UserError, match=r"optimize\.density_budget\[1\]: bad value 1\.5"):
+        density_budgets([0.5, 1.5], [512, 1024])
     with pytest.raises(UserError, match=r"optimize\.density_budget\[1024\]: bad value 1\.5"):
         density_budgets({512: 0.25, 1024: 1.5}, [512, 1024])

@@ -1,4 +1,9 @@
-"""stage=validate: score every candidate plan on held-out samples at an unseen length and pick the best."""
+"""stage=validate: score a shortlist of each budget's front on held-out samples at an unseen length; pick the best.
+
+Beside the shortlisted plans it scores the binary baseline of each budget and a uniform window at the selected
+plan's KV density. ``validate/results.csv`` has one row per scored plan (``plan, method, budget, length,
+kv_density, attention_density, val_ppl, ppl_ratio_vs_dense``); ``validate/selected_<budget>.json`` is each
+budget's choice and ``plan.json`` the first budget's."""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from pipeline import io
 from pipeline.calibration.builder import build_samples, pack, pad_token_id
 from pipeline.errors import UserError
 from pipeline.evaluation.perplexity import perplexity
+from pipeline.optimize.baselines import uniform_window_plan
 from pipeline.plan import Plan, load_plan, plan_attention_density, plan_kv_density, save_plan
+from pipeline.settings import budget_label
 from pipeline.sparse_runtime import plan_applied
 from pipeline.stages.registry import stage
 
@@ -36,34 +43,36 @@ def heldout_samples(ctx, length: int) -> dict:
     return tensors
 
 
-def _uniform_like(plan: Plan, info, length: int) -> Plan:
-    """The uniform plan (one span for every head) with the same KV density as ``plan`` at ``length``."""
-    target = plan_kv_density(plan, length)
-    span = max(plan.min_span, round(target * length) - plan.sink)
-    return Plan.uniform(info, span / length, sink=plan.sink, min_span=plan.min_span, block_size=plan.block_size,
-                        granularity=plan.granularity, lengths=[length])
-
-
-def _row(name: str, plan: Plan | None, length: int, ppl: float, dense_ppl: float) -> dict:
-    return {"plan": name,
+def _row(name: str, method: str, budget: str, plan: Plan | None, length: int, ppl: float, dense_ppl: float) -> dict:
+    return {"plan": name, "method": method, "budget": budget,
             "kv_density": 1.0 if plan is None else plan_kv_density(plan, length),
             "attention_density": 1.0 if plan is None else plan_attention_density(plan, length),
             "val_ppl": ppl, "ppl_ratio_vs_dense": ppl / dense_ppl}
 
 
-@stage("validate", requires=("optimize",), config_keys=("sparse", "calibration", "profile", "validate"),
+def shortlist(entries: list[dict], lengths: list[int], size: int) -> list[dict]:
+    """The ``size`` front plans that lose least influence at the longest profile length (then in total)."""
+    def key(entry):
+        losses = [entry[f"influence_loss@{n}"] for n in lengths]
+        return losses[-1], sum(losses)
+    return sorted(entries, key=key)[:size]
+
+
+@stage("validate", requires=("optimize",), config_keys=("sparse", "calibration", "profile", "optimize", "validate"),
        outputs=("plan.json", "validate/"))
 def run_validate(ctx):
-    """Response-masked perplexity of every Pareto plan at an unseen length; the best becomes run_dir/plan.json."""
-    artifacts = ctx.artifacts
-    plan_paths = artifacts.candidate_plans()
-    if not plan_paths:
-        raise UserError(f"no candidate plans under {artifacts.plans_dir}: run stage=optimize first")
-    length = ctx.settings.validate.length
+    """Per budget: perplexity of a shortlist of front plans, the binary baseline and a uniform window at an unseen
+    length; the best plan of each budget is selected, the first budget's becomes run_dir/plan.json."""
+    artifacts, settings = ctx.artifacts, ctx.settings
+    front = [e for e in artifacts.load_front().get("plans", []) if "budget" in e]
+    if not front:
+        raise UserError(f"{artifacts.front} lists no plans: run stage=optimize first")
+    length = settings.validate.length
     data = heldout_samples(ctx, length)
     loaded = ctx.load_model()
     model, info = loaded.model, loaded.info
-    backend = ctx.settings.validate.backend
+    backend = settings.validate.backend
+    lengths = sorted(settings.profile.lengths)
     scored = lambda: perplexity(model, data["input_ids"], data["loss_mask"], data["lengths"])  # noqa: E731
 
     def scored_with(plan: Plan) -> float:
@@ -71,38 +80,54 @@ def run_validate(ctx):
             return scored()
 
     dense_ppl = scored()
-    rows = [_row("dense", None, length, dense_ppl, dense_ppl)]
-    plans = {path.name: _load(path, info) for path in plan_paths}
-    for name, plan in ctx.progress(plans.items(), desc="validate plans"):
-        rows.append(_row(name, plan, length, scored_with(plan), dense_ppl))
-    candidates = rows[1:]
-    best = min(candidates, key=lambda r: (r["val_ppl"], r["kv_density"]))
-    best_plan = plans[best["plan"]]
-    uniform = _uniform_like(best_plan, info, length)
-    rows.append(_row("uniform@best_density", uniform, length, scored_with(uniform), dense_ppl))
-    uniform_ppl = rows[-1]["val_ppl"]
+    rows = [_row("dense", "dense", "", None, length, dense_ppl, dense_ppl)]
+    selected = {}
+    for budget in (budget_label(b) for b in settings.optimize.budgets):
+        entries = [e for e in front if e["budget"] == budget]
+        chosen = shortlist([e for e in entries if e["method"] == "moa"], lengths, settings.validate.shortlist)
+        binary = [e for e in entries if e["method"] == "binary"]
+        plans = {Path(e["plan"]).name: _load(ctx.run_dir / e["plan"], info) for e in [*chosen, *binary]}
+        scored_rows = []
+        for name, plan in ctx.progress(plans.items(), desc=f"validate budget {budget}"):
+            method = "binary" if name.startswith("binary_") else "moa"
+            scored_rows.append(_row(name, method, budget, plan, length, scored_with(plan), dense_ppl))
+        candidates = [r for r in scored_rows if r["method"] == "moa"]
+        best = min(candidates, key=lambda r: (r["val_ppl"], r["kv_density"]))
+        uniform = uniform_window_plan(info, best["kv_density"], length, sink=plans[best["plan"]].sink,
+                                      min_span=plans[best["plan"]].min_span, block_size=plans[best["plan"]].block_size,
+                                      granularity=plans[best["plan"]].granularity)
+        scored_rows.append(_row(f"uniform_{budget}", "uniform", budget, uniform, length, scored_with(uniform),
+                                dense_ppl))
+        rows += scored_rows
+        selected[budget] = best
+        save_plan(plans[best["plan"]], artifacts.selected_plan_at(budget))
+        _log_candidates(ctx, front, scored_rows, length)
 
     frame = pd.DataFrame(rows)
-    frame.insert(1, "length", length)
+    frame.insert(3, "length", length)
     io.write_csv(artifacts.validation_results, frame)
-    save_plan(best_plan, artifacts.selected_plan)
-    _log_candidates(ctx, candidates, length)
-    ctx.log_metrics({"dense_val_ppl": dense_ppl, "best_val_ppl": best["val_ppl"], "uniform_val_ppl": uniform_ppl,
-                     f"best_kv_density@{length}": best["kv_density"],
-                     "best_ppl_ratio_vs_dense": best["val_ppl"] / dense_ppl,
-                     "uniform_ppl_ratio_vs_dense": uniform_ppl / dense_ppl})
-    ctx.set_tags({"selected_plan": best["plan"]})
+    first = next(iter(selected))
+    save_plan(_load(artifacts.selected_plan_at(first), info), artifacts.selected_plan)
+    metrics = {"dense_val_ppl": dense_ppl}
+    for budget, best in selected.items():
+        uniform_ppl = frame[(frame["method"] == "uniform") & (frame["budget"] == budget)]["val_ppl"].iloc[0]
+        metrics.update({f"best_val_ppl@{budget}": best["val_ppl"], f"uniform_val_ppl@{budget}": uniform_ppl,
+                        f"best_kv_density@{budget}": best["kv_density"],
+                        f"best_ppl_ratio_vs_dense@{budget}": best["val_ppl"] / dense_ppl})
+    ctx.log_metrics(metrics)
+    ctx.set_tags({"selected_plan": selected[first]["plan"],
+                  **{f"selected_plan:{b}": r["plan"] for b, r in selected.items()}})
     ctx.log_artifact(artifacts.validation_results)
     ctx.log_artifact(artifacts.selected_plan)
     print(frame.to_string(index=False), flush=True)
-    return {"selected": best["plan"], "length": length, "dense_ppl": dense_ppl, "best_ppl": best["val_ppl"], "uniform_ppl": uniform_ppl}
+    return {"selected": {b: r["plan"] for b, r in selected.items()}, "length": length, "dense_ppl": dense_ppl,
+            "best_ppl": {b: r["val_ppl"] for b, r in selected.items()}}
 
 
-def _log_candidates(ctx, candidates: list[dict], length: int) -> None:
-    """Attach ``val_ppl`` to each candidate's MLflow run when the optimize stage recorded its run id."""
-    run_ids = {Path(entry["plan"]).name: entry["mlflow_run_id"] for entry in ctx.artifacts.load_front().get("plans", [])
-               if entry.get("mlflow_run_id") and entry.get("plan")}
-    for row in candidates:
+def _log_candidates(ctx, front: list[dict], rows: list[dict], length: int) -> None:
+    """Attach ``val_ppl`` (and the densities at the validation length) to each scored plan's optimize-stage run."""
+    run_ids = {Path(entry["plan"]).name: entry["mlflow_run_id"] for entry in front if entry.get("mlflow_run_id")}
+    for row in rows:
         ctx.log_metrics({f"val_ppl/{row['plan']}": row["val_ppl"]})
         if row["plan"] in run_ids:
             ctx.logger(run_ids[row["plan"]]).log_metrics({"val_ppl": row["val_ppl"],
