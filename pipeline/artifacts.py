@@ -9,6 +9,7 @@ layout (see ``docs/artifacts.md``)::
     plans/plan_<i>.json, binary_<budget>.json        optimize/front.json
     validate/heldout_<N>.safetensors, results.csv, selected_<budget>.json
     plan.json                             (the selected plan)
+    eval/results.csv
     bench/kernels.csv
     <stage>/.done.json                    (completion markers, see pipeline.runner)
 
@@ -101,6 +102,10 @@ class RunArtifacts:
     @property
     def selected_plan(self) -> Path:
         return self.run_dir / "plan.json"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.run_dir / "eval" / "results.csv"
 
     @property
     def bench_csv(self) -> Path:

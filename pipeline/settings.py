@@ -537,12 +537,35 @@ def validation_length(cfg: DictConfig, value: Any, need_length: bool) -> int | N
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """``evaluate``: an empty section in this version."""
+    """``evaluate.*``: the methods x budgets x tasks x lengths evaluation."""
+
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    samples: int
+    """Samples per task and length."""
+    max_new_tokens: int
+    seed: int
+    backend: str
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> EvaluateSettings:
-        _section(cfg, "evaluate")
-        return cls()
+        from kernels import PREFILL_BACKENDS
+        from pipeline.evaluation.tasks import TASKS
+
+        read = _section(cfg, "evaluate")
+        max_new_tokens = _int("evaluate.max_new_tokens", read("max_new_tokens"), 1)
+        lengths = _int_list("evaluate.lengths", read("lengths"), max_new_tokens + MIN_LENGTH)
+        positions = ModelSettings.from_cfg(cfg).max_positions
+        if max(lengths) > positions:
+            raise _bad("evaluate.lengths", read("lengths"), f"lengths within the model's {positions} positions")
+        return cls(
+            tasks=_choice_list("evaluate.tasks", read("tasks"), tuple(TASKS)),
+            lengths=tuple(sorted(lengths)),
+            samples=_int("evaluate.samples", read("samples"), 1),
+            max_new_tokens=max_new_tokens,
+            seed=_int("evaluate.seed", read("seed"), 0),
+            backend=_choice("evaluate.backend", read("backend"), PREFILL_BACKENDS),
+        )
 
 
 @dataclass(frozen=True)

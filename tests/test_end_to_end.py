@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK_BENCH = ("benchmark.seq_lens=[512]", "benchmark.repeats=2", "benchmark.backends=[dense,cpu]", "benchmark.decode_repeats=3")
 # Calibrated at three lengths but profiled at two: the unseen validation length (the midpoint of the two longest
 # profile lengths, 1152) is a calibration length, so held-out and calibration samples of one length exist side by side.
-LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]")
+LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]", "evaluate.lengths=[768,1536]",
+           "evaluate.samples=1", "evaluate.max_new_tokens=4")
 VALIDATION_LENGTH = 1152
 
 
@@ -34,12 +35,40 @@ def full_run(tmp_path_factory):
 
 def test_stage_all_runs_every_implemented_stage_then_skips(full_run):
     run_dir, outcome = full_run
-    for name in ("calibrate", "profile", "rules", "optimize", "validate", "benchmark"):
+    for name in ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark"):
         assert outcome[name] == "ran", outcome
-    assert all(v == "unavailable" for k, v in outcome.items() if k in ("evaluate", "adapters"))
+    assert outcome["adapters"] == "unavailable"
     again = run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
     assert {k: v for k, v in again.items() if v != "unavailable"} == dict.fromkeys(
-        ("calibrate", "profile", "rules", "optimize", "validate", "benchmark"), "skipped")
+        ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark"), "skipped")
+
+
+def test_evaluation_covers_every_method_budget_task_and_length(full_run):
+    run_dir, _ = full_run
+    frame = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
+    assert list(frame.columns) == ["method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo",
+                                   "acc_hi", "agree_dense", "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token",
+                                   "kv_bytes", "kv_density", "attention_density"]
+    cells = {(r.method, r.budget, r.task, r.seq_len) for r in frame.itertuples()}
+    methods = {("dense", "")} | {(m, b) for m in ("moa", "binary", "uniform") for b in ("0.5", "0.25")}
+    tasks = ("passkey", "var_tracking", "multi_doc_qa")
+    assert cells == {(m, b, t, n) for m, b in methods for t in tasks for n in (768, 1536)}
+    assert ((frame["acc_lo"] <= frame["accuracy"]) & (frame["accuracy"] <= frame["acc_hi"])).all()
+    dense = frame[frame["method"] == "dense"]
+    assert (dense["agree_dense"] == 1).all() and (dense["kl_dense"] == 0).all() and (dense["kv_density"] == 1).all()
+    for (method, budget, n), rows in frame[frame["method"] != "dense"].groupby(["method", "budget", "seq_len"]):
+        plan = load_plan(run_dir / ("plans" if method == "binary" else "validate") / rows["plan_id"].iloc[0]) \
+            if method != "uniform" else None
+        if plan is not None:  # densities recomputed from the plan file
+            assert rows["kv_density"].iloc[0] == pytest.approx(plan_kv_density(plan, n))
+        moa = frame[(frame["method"] == "moa") & (frame["budget"] == budget) & (frame["seq_len"] == n)]
+        if method == "uniform":  # a single window at the MoA plan's KV density at this length
+            assert abs(rows["kv_density"].iloc[0] - moa["kv_density"].iloc[0]) < 2 / n
+        assert (rows["kl_dense"] >= 0).all()
+    # KV bytes are what the cache held: a plan's bytes against dense's follow its KV density.
+    for row in frame[frame["method"] == "moa"].itertuples():
+        dense_bytes = dense[(dense["task"] == row.task) & (dense["seq_len"] == row.seq_len)]["kv_bytes"].iloc[0]
+        assert row.kv_bytes / dense_bytes == pytest.approx(row.kv_density, rel=0.05)
 
 
 def test_validation_selects_per_budget_the_lowest_perplexity_of_a_shortlist(full_run):

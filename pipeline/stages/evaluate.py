@@ -1,0 +1,125 @@
+"""stage=evaluate: every method x budget x task x length, through one runtime.
+
+Methods: ``dense``; per budget of ``optimize.density_budget``, ``moa`` (validate's selection), ``binary``
+(optimize's DuoAttention-style baseline) and ``uniform`` (one sink-plus-window for every head, sized at each
+length to the MoA plan's KV density there). Per (method, budget, task, length) it records accuracy with its 95%
+Wilson interval, agreement with dense's answers, KL from dense on dense's response tokens, held-out perplexity,
+prefill and per-token decode latency, KV bytes and densities (see :mod:`pipeline.evaluation.harness`).
+
+Writes ``eval/results.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
+cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pandas as pd
+
+from pipeline import io
+from pipeline.calibration.builder import end_token_ids
+from pipeline.errors import UserError
+from pipeline.evaluation.harness import (
+    Method,
+    eval_items,
+    heldout_text,
+    method_perplexity,
+    result_rows,
+    run_method,
+)
+from pipeline.optimize.baselines import uniform_window_plan
+from pipeline.plan import load_plan, plan_kv_density
+from pipeline.settings import budget_label
+from pipeline.stages.registry import stage
+
+COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo", "acc_hi", "agree_dense",
+           "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density")
+METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token",
+           "kv_bytes", "kv_density", "attention_density")
+
+
+@stage("evaluate", requires=("validate",),
+       config_keys=("sparse", "calibration", "profile", "optimize", "validate", "evaluate"), outputs=("eval/",))
+def run_evaluate(ctx):
+    """Accuracy, fidelity, perplexity and cost of dense, MoA and baseline plans at every length."""
+    settings = ctx.settings.evaluate
+    loaded = ctx.load_model()
+    model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    plans = _budget_plans(ctx, info)  # refuses a wrong-model plan before any evaluation
+    eos_ids = end_token_ids(model, tokenizer)
+    rows = []
+    for length in ctx.progress(settings.lengths, desc="evaluate lengths"):
+        methods = _methods(plans, info, length)
+        cells = {m: ctx.partial_dir / f"{m.name}_{m.budget or 'all'}_{length}.json" for m in methods}
+        if all(path.is_file() for path in cells.values()):
+            rows += [row for path in cells.values() for row in json.loads(path.read_text())]
+            continue
+        try:
+            items = eval_items(tokenizer, settings.tasks, length, settings.samples, settings.max_new_tokens,
+                               settings.seed)
+        except ValueError as err:
+            raise UserError(f"evaluate.lengths: {length} is too short ({err})") from None
+        text = heldout_text(tokenizer, length, settings.seed)
+        generate = partial(run_method, model, tokenizer, items=items, eos_ids=eos_ids,
+                           max_new_tokens=settings.max_new_tokens, backend=settings.backend)
+        dense = generate(methods[0])  # every other method is compared with dense's own answers
+        for method in ctx.progress(methods, desc=f"methods N={length}", leave=False):
+            if cells[method].is_file():
+                rows += json.loads(cells[method].read_text())
+                continue
+            generations = dense if method is methods[0] else generate(method)
+            ppl = method_perplexity(model, method, text, backend=settings.backend)
+            cell = result_rows(model, tokenizer, method, length, items, generations, dense, ppl,
+                               backend=settings.backend)
+            io.write_json(cells[method], cell)
+            rows += cell
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    io.write_csv(ctx.artifacts.eval_results, frame)
+    ctx.log_artifact(ctx.artifacts.eval_results)
+    _log_methods(ctx, frame)
+    print(_table(frame), flush=True)
+    return {"rows": len(frame), "methods": sorted(set(zip(frame["method"], frame["budget"], strict=True)))}
+
+
+def _budget_plans(ctx, info) -> dict[str, dict]:
+    """Per budget label: the selected MoA plan and the binary baseline, each checked against the model."""
+    plans = {}
+    for budget in (budget_label(b) for b in ctx.settings.optimize.budgets):
+        paths = {"moa": ctx.artifacts.selected_plan_at(budget), "binary": ctx.artifacts.binary_plan(budget)}
+        try:
+            plans[budget] = {name: (path.name, load_plan(path, info)) for name, path in paths.items()}
+        except ValueError as err:
+            raise UserError(f"evaluate: {err}") from None
+    return plans
+
+
+def _methods(plans: dict[str, dict], info, length: int) -> list[Method]:
+    """Dense first, then per budget: the MoA plan, the binary baseline and a uniform window at the MoA plan's KV
+    density at this length."""
+    methods = [Method("dense", "", "dense", None)]
+    for budget, chosen in plans.items():
+        moa_id, moa = chosen["moa"]
+        binary_id, binary = chosen["binary"]
+        uniform = uniform_window_plan(info, plan_kv_density(moa, length), length, sink=moa.sink,
+                                      min_span=moa.min_span, block_size=moa.block_size, granularity=moa.granularity)
+        methods += [Method("moa", budget, moa_id, moa), Method("binary", budget, binary_id, binary),
+                    Method("uniform", budget, f"uniform_window_{uniform.solver['window']}", uniform)]
+    return methods
+
+
+def _log_methods(ctx, frame: pd.DataFrame) -> None:
+    """One nested MLflow run per (method, budget), with every metric per task and length as ``<metric>:<task>:<N>``."""
+    for (method, budget), rows in frame.groupby(["method", "budget"], sort=False):
+        name = method if not budget else f"{method}@{budget}"
+        with ctx.child_run(name, tags={"kind": "evaluation", "method": method, "budget": str(budget)}) as run:
+            run.log_params({"method": method, "budget": budget, "plans": sorted(set(rows["plan_id"]))})
+            run.log_metrics({f"{metric}@{row.task}:{row.seq_len}": getattr(row, metric)
+                             for row in rows.itertuples() for metric in METRICS
+                             if getattr(row, metric) == getattr(row, metric)})  # NaN: not applicable
+
+
+def _table(frame: pd.DataFrame) -> str:
+    shown = frame.pivot_table(index=["method", "budget"], columns="seq_len", values="accuracy", aggfunc="mean",
+                              sort=False)
+    return "Accuracy (mean over tasks) by length:\n" + shown.round(3).to_string()
