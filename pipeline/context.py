@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import RunArtifacts
+from pipeline.plan_runs import PlanRuns
 from pipeline.settings import Settings
 from pipeline.tracking import RunLogger, Tracker
 
@@ -36,6 +37,14 @@ class StageContext:
     """Every config section, validated and typed (see :mod:`pipeline.settings`)."""
     force: bool = False
     _model_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def plan_runs(self) -> PlanRuns:
+        """The plans experiment: one top-level run per plan or method (see :mod:`pipeline.plan_runs`)."""
+        if "plan_runs" not in self._model_cache:
+            self._model_cache["plan_runs"] = PlanRuns(self.tracker.uri, self.settings.tracking.experiment,
+                                                      self.run_dir)
+        return self._model_cache["plan_runs"]
 
     @property
     def artifacts(self) -> RunArtifacts:

@@ -160,3 +160,25 @@ def test_fronts_notebook_executes_on_the_run(full_run, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
     count = len(mlflow.search_runs(experiment_names=["moa-autotune"]))
     assert f"{run_dir.resolve()} {count} runs" in text, "the notebook must read this run's store"
+
+
+def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric(full_run):
+    run_dir, _ = full_run
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["moa-autotune-plans"])
+    assert "tags.mlflow.parentRunId" not in runs.columns or runs["tags.mlflow.parentRunId"].isna().all()
+    plan_files = [*(run_dir / "plans").glob("plan_*.json"), *(run_dir / "plans").glob("binary_*.json")]
+    assert len(runs) == len(plan_files) + 1 + 2  # every plan file, dense, and the uniform window of each budget
+    assert sorted(runs.loc[runs["tags.method"].isin(["moa", "binary"]), "tags.plan_id"]) == sorted(
+        p.name for p in plan_files)
+    frame = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
+    selected = runs[runs["tags.selected"] == "true"]
+    assert sorted(selected["tags.budget"]) == ["0.25", "0.5"]
+    for _, run in selected.iterrows():
+        assert run["metrics.kv_density:768"] <= float(run["tags.budget"]) + 1e-9  # from optimize
+        assert run["metrics.val_ppl"] > 0  # from validate
+        row = frame[(frame["method"] == "moa") & (frame["budget"] == run["tags.budget"])
+                    & (frame["task"] == "passkey") & (frame["seq_len"] == 1536)].iloc[0]
+        assert run["metrics.accuracy:passkey:1536"] == pytest.approx(row["accuracy"])  # from evaluate
+    dense = runs[runs["tags.method"] == "dense"].iloc[0]
+    assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:1536"] == 1.0

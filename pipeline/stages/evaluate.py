@@ -37,6 +37,8 @@ COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "a
            "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density")
 METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token",
            "kv_bytes", "kv_density", "attention_density")
+TASK_METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense")
+LENGTH_METRICS = ("ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density")
 
 
 @stage("evaluate", requires=("validate",),
@@ -114,9 +116,28 @@ def _log_methods(ctx, frame: pd.DataFrame) -> None:
         name = method if not budget else f"{method}@{budget}"
         with ctx.child_run(name, tags={"kind": "evaluation", "method": method, "budget": str(budget)}) as run:
             run.log_params({"method": method, "budget": budget, "plans": sorted(set(rows["plan_id"]))})
-            run.log_metrics({f"{metric}@{row.task}:{row.seq_len}": getattr(row, metric)
-                             for row in rows.itertuples() for metric in METRICS
-                             if getattr(row, metric) == getattr(row, metric)})  # NaN: not applicable
+            run.log_metrics(_per_task(rows))
+        _plan_run(ctx, method, budget).log_metrics({**_per_task(rows, TASK_METRICS), **_per_length(rows)})
+
+
+def _per_task(rows: pd.DataFrame, metrics=METRICS) -> dict[str, float]:
+    return {f"{metric}@{row.task}:{row.seq_len}": getattr(row, metric) for row in rows.itertuples()
+            for metric in metrics if getattr(row, metric) == getattr(row, metric)}  # NaN: not applicable
+
+
+def _per_length(rows: pd.DataFrame) -> dict[str, float]:
+    """Per length, the median over tasks of the cost columns (one value per length for the UI's columns)."""
+    medians = rows.groupby("seq_len")[list(LENGTH_METRICS)].median()
+    return {f"{metric}@{n}": value for n, row in medians.iterrows() for metric, value in row.items()
+            if value == value}
+
+
+def _plan_run(ctx, method: str, budget: str):
+    if method == "moa":
+        return ctx.plan_runs.for_file(ctx.artifacts.selected_plan_at(budget), method=method, budget=budget)
+    if method == "binary":
+        return ctx.plan_runs.for_file(ctx.artifacts.binary_plan(budget), method=method, budget=budget)
+    return ctx.plan_runs.for_method(method, budget)
 
 
 def _table(frame: pd.DataFrame) -> str:

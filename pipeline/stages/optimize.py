@@ -105,6 +105,7 @@ def _save_and_log(ctx, plan: Plan, candidate, path, label: str, name: str, lengt
                         "primary_length": lengths[candidate.primary], "plan": str(path), "budget": label})
         run.log_metrics(metrics)
         run.log_artifact(path)
+    ctx.plan_runs.for_file(path, method=method, budget=label).log_metrics(metrics)
     return {"plan": str(path.relative_to(ctx.run_dir)), "method": method, "budget": label,
             "mlflow_run_id": run.run_id, "status": candidate.status, "flagged": candidate.flagged,
             "gap": candidate.gap, "seconds": candidate.seconds, "primary_length": lengths[candidate.primary],

@@ -101,6 +101,7 @@ def run_validate(ctx):
         rows += scored_rows
         selected[budget] = best
         save_plan(plans[best["plan"]], artifacts.selected_plan_at(budget))
+        _plan_run(ctx, best).set_tags({"selected": "true"})
         _log_candidates(ctx, front, scored_rows, length)
 
     frame = pd.DataFrame(rows)
@@ -108,6 +109,7 @@ def run_validate(ctx):
     io.write_csv(artifacts.validation_results, frame)
     first = next(iter(selected))
     save_plan(_load(artifacts.selected_plan_at(first), info), artifacts.selected_plan)
+    _plan_run(ctx, rows[0]).log_metrics({"val_ppl": dense_ppl})
     metrics = {"dense_val_ppl": dense_ppl}
     for budget, best in selected.items():
         uniform_ppl = frame[(frame["method"] == "uniform") & (frame["budget"] == budget)]["val_ppl"].iloc[0]
@@ -129,10 +131,19 @@ def _log_candidates(ctx, front: list[dict], rows: list[dict], length: int) -> No
     run_ids = {Path(entry["plan"]).name: entry["mlflow_run_id"] for entry in front if entry.get("mlflow_run_id")}
     for row in rows:
         ctx.log_metrics({f"val_ppl/{row['plan']}": row["val_ppl"]})
+        _plan_run(ctx, row).log_metrics({"val_ppl": row["val_ppl"], f"kv_density@{length}": row["kv_density"],
+                                         f"attention_density@{length}": row["attention_density"]})
         if row["plan"] in run_ids:
             ctx.logger(run_ids[row["plan"]]).log_metrics({"val_ppl": row["val_ppl"],
                                                           f"kv_density@{length}": row["kv_density"],
                                                           f"attention_density@{length}": row["attention_density"]})
+
+
+def _plan_run(ctx, row: dict):
+    """The plans-experiment run of a results row: its plan file's, or the method's (dense, uniform)."""
+    if row["method"] in ("dense", "uniform"):
+        return ctx.plan_runs.for_method(row["method"], row["budget"])
+    return ctx.plan_runs.for_file(ctx.artifacts.plans_dir / row["plan"], method=row["method"], budget=row["budget"])
 
 
 def _load(path: Path, info) -> Plan:
