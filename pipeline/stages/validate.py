@@ -86,7 +86,7 @@ def run_validate(ctx):
         entries = [e for e in front if e["budget"] == budget]
         chosen = shortlist([e for e in entries if e["method"] == "moa"], lengths, settings.validate.shortlist)
         binary = [e for e in entries if e["method"] == "binary"]
-        plans = {Path(e["plan"]).name: _load(ctx.run_dir / e["plan"], info) for e in [*chosen, *binary]}
+        plans = {Path(e["plan"]).name: _load(artifacts.plans_dir / Path(e["plan"]).name, info) for e in [*chosen, *binary]}
         scored_rows = []
         for name, plan in ctx.progress(plans.items(), desc=f"validate budget {budget}"):
             method = "binary" if name.startswith("binary_") else "moa"
