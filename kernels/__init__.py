@@ -18,13 +18,18 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans, sink
     """Attention where query head ``h`` keeps key ``j <= i`` iff ``j < sink`` or ``i - j < spans[h]``.
 
     q: (B, Hq, N, D); k, v: (B, Hkv, N, D), Hq a multiple of Hkv; spans: (Hq,) ints already evaluated at N.
-    ``auto`` picks ``triton`` for CUDA tensors without autograd, ``cpu`` for CPU tensors and ``reference``
-    otherwise (the Triton kernel has no backward). Returns (B, Hq, N, D) in q's dtype.
+    ``auto`` runs, per call, the sparse kernel (``cpu`` on CPU, ``triton`` on CUDA without autograd: it has no
+    backward) or dense masked attention, whichever measured faster on this machine at this length and attention
+    density (:mod:`kernels.crossover`; ``MOA_CROSSOVER=sparse|dense|off`` forces it), and ``reference`` on other
+    devices. Returns (B, Hq, N, D) in q's dtype.
     """
     spans = _check_prefill(q, k, v, spans, sink, backend)
     if backend == "auto":
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        backend = "cpu" if q.device.type == "cpu" else "triton" if q.is_cuda and not grad else "reference"
+        from kernels import crossover
+
+        backend = crossover.auto_backend(q, k, v, spans, sink)
+        if backend == "dense":
+            return crossover.moa_attention_dense_masked(q, k, v, spans, sink, scale=scale)
     if backend == "reference":
         from kernels.reference import moa_attention_reference
 

@@ -1,10 +1,12 @@
 """Kernel benchmark harness: sparse prefill and decode against dense attention and compiled FlexAttention.
 
 Every measured row is a plain dict (one CSV row / one MLflow run). Prefill rows compare, at each sequence length
-and span fraction, dense causal SDPA, ``torch.compile``'d FlexAttention on the same mask, the ``cpu`` backend and
-(on CUDA) the Triton kernel. Decode rows time one decode step at each density against a dense cache, with the
-KV-cache bytes each needs. Errors are measured against dense masked attention evaluated in float32 on a sample
-of query rows (exact for those rows, and affordable at any length).
+and span fraction, dense causal SDPA, ``torch.compile``'d FlexAttention on the same mask, the ``cpu`` backend,
+(on CUDA) the Triton kernel, and ``auto`` (the sparse kernel or dense masked attention, per the crossover measured
+by :mod:`kernels.crossover`; its speed-up vs dense is the "never slower than dense" check). Decode rows time one
+decode step at each density against a dense cache, with the KV-cache bytes each needs. Errors are measured
+against dense masked attention evaluated in float32 on a sample of query rows (exact for those rows, and
+affordable at any length).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from kernels.flex import moa_attention_flex
 from kernels.kv_cache import PerHeadLayer
 from kernels.pattern import kept_pairs, kv_density
 
-BENCH_PREFILL_BACKENDS = ("dense", "flex", "cpu", "triton")  # contenders timed by the benchmark
+BENCH_PREFILL_BACKENDS = ("dense", "flex", "cpu", "triton", "auto")  # contenders timed by the benchmark
 BENCH_DECODE_BACKENDS = ("torch", "triton")
 
 

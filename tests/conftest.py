@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MOA_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MOA_CROSSOVER", "off")  # no machine-dependent measuring in tests; test_crossover sets it
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
