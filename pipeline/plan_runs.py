@@ -41,7 +41,7 @@ class PlanRuns:
                                                                f"'{self.run_dir}'", max_results=1)
         if found:
             return RunLogger(client, found[0].info.run_id)
-        name = f"{method}@{budget}:{plan_id}" if budget else method
+        name = method if not budget else f"{method}@{budget}" if plan_id == method else f"{method}@{budget}:{plan_id}"
         created = client.create_run(experiment, run_name=name, tags={
             "method": method, "budget": budget, "plan_key": key, "plan_id": plan_id, "selected": "false",
             "run_dir": self.run_dir})

@@ -87,7 +87,9 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:
             location = (run_dir.resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            # The UI opens a "custom model development" experiment on its runs table rather than GenAI traces.
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"})
 
     @classmethod
     def from_cfg(cls, tracking_cfg, run_dir: Path) -> Tracker:
