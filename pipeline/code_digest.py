@@ -1,7 +1,8 @@
 """A digest of the source code a stage runs: its module and every project module it imports, transitively.
 
 It goes into the stage's resume key, so artifacts made by older code are not reused after that code changes,
-while a change to an unrelated module (say the benchmark harness) does not redo calibration.
+while a change to an unrelated module (say the benchmark harness, or the MLflow logging) does not redo
+calibration.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import hashlib
 import importlib.util
 
 PROJECT_PACKAGES = ("pipeline", "kernels")
+# Modules that log, orchestrate or report, but shape no artifact: a change to them redoes nothing.
+NOT_RESULT_CODE = frozenset({"pipeline.tracking", "pipeline.plan_runs", "pipeline.context", "pipeline.report",
+                             "pipeline.runner", "pipeline.code_digest"})
 
 
 @functools.cache
@@ -29,7 +33,7 @@ def _closure(root: str) -> set[str]:
     todo = [root]
     while todo:
         name = todo.pop()
-        if name in seen or _origin(name) is None:
+        if name in seen or name in NOT_RESULT_CODE or _origin(name) is None:
             continue
         seen.add(name)
         todo.extend(_project_imports(name))

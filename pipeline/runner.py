@@ -64,7 +64,7 @@ def code_version(spec: Stage) -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
-    modules = [spec.module] + (["pipeline.context"] if spec.uses_model else [])
+    modules = [spec.module] + (["pipeline.models"] if spec.uses_model else [])
     return {**versions, "source": "+".join(source_digest(m) for m in modules if m)}
 
 

@@ -262,3 +262,21 @@ def test_two_threads_log_into_two_runs(tmp_path):
         history = client.get_metric_history(run_id, "value")
         scale = 1 if name == "a" else 10
         assert sorted((m.step, m.value) for m in history) == [(s, s * scale) for s in range(20)]
+
+
+def test_logging_code_is_not_result_code(monkeypatch):
+    """Editing how runs are logged redoes nothing; editing model loading redoes every stage that runs the model."""
+    import pipeline.code_digest as code_digest
+
+    stages = registered()
+    cfg = compose(["model=tiny"])
+    before = {name: stage_hash(cfg, name, stages) for name in ("calibrate", "benchmark")}
+    real = code_digest._source
+    for module, changes in (("pipeline.tracking", set()), ("pipeline.models", {"calibrate"})):
+        monkeypatch.setattr(code_digest, "_source", lambda m, edited=module: real(m) + (b"#" if m == edited else b""))
+        code_digest.source_digest.cache_clear()
+        try:
+            after = {name: stage_hash(cfg, name, stages) for name in before}
+        finally:
+            code_digest.source_digest.cache_clear()
+        assert {name for name in before if after[name] != before[name]} == changes, module
