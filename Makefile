@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/smollm2
 
-.PHONY: setup run test test-compat test-slow test-all ui lint clean
+.PHONY: setup run test test-compat test-slow test-all ui lint clean notebooks
 
 setup: $(STAMP)
 
@@ -51,6 +51,22 @@ ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db \
 		--default-artifact-root $(RUN_DIR)/mlartifacts
+
+# Execute the notebooks against one run directory; the executed copies go beside it, in <run dir>/notebooks/.
+# fronts.ipynb reads MOA_RUN_DIR; the other two take papermill parameters. A run directory without its MLflow
+# store is refused before anything runs (connecting to a missing SQLite store would create an empty one).
+NOTEBOOKS_RUN_DIR ?= runs/smollm2
+NOTEBOOKS_DIR = $(abspath $(NOTEBOOKS_RUN_DIR))
+PAPERMILL = $(VENV)/bin/papermill --no-progress-bar --log-level WARNING --cwd notebooks -k python3
+
+notebooks: setup
+	$(if $(wildcard $(NOTEBOOKS_DIR)/mlflow.db),,$(error make notebooks: no MLflow store $(NOTEBOOKS_DIR)/mlflow.db: set NOTEBOOKS_RUN_DIR to a run directory of the pipeline))
+	mkdir -p $(NOTEBOOKS_DIR)/notebooks
+	MOA_RUN_DIR=$(NOTEBOOKS_DIR) $(PAPERMILL) notebooks/fronts.ipynb $(NOTEBOOKS_DIR)/notebooks/fronts.ipynb
+	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/accuracy_latency_front.ipynb \
+		$(NOTEBOOKS_DIR)/notebooks/accuracy_latency_front.ipynb
+	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/compare_plans.ipynb $(NOTEBOOKS_DIR)/notebooks/compare_plans.ipynb
+	@echo "executed notebooks: $(NOTEBOOKS_DIR)/notebooks/"
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline kernels tests
