@@ -182,3 +182,18 @@ def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric
         assert run["metrics.accuracy:passkey:1536"] == pytest.approx(row["accuracy"])  # from evaluate
     dense = runs[runs["tags.method"] == "dense"].iloc[0]
     assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:1536"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["accuracy_latency_front.ipynb", "compare_plans.ipynb"])
+def test_evaluation_notebooks_execute_on_the_run(full_run, tmp_path, name):
+    """The notebooks run headless on a real tiny run, with no error cell and no empty figure."""
+    import papermill
+
+    run_dir, _ = full_run
+    executed = tmp_path / name
+    papermill.execute_notebook(str(REPO / "notebooks" / name), str(executed), parameters={"run_dir": str(run_dir)},
+                               cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)
+    notebook = nbformat.read(executed, as_version=4)
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert [o for o in outputs if "image/png" in o.get("data", {})], "no figure"
