@@ -56,6 +56,28 @@ def test_prompt_fits_the_budget_closely(tokenizer, task, length):
         assert budget - 48 <= used <= budget, (task, index, used, budget)
 
 
+class _MergingTokenizer:
+    """A byte tokenizer whose count grows by 40 when a needle is followed by more context than the question,
+    as a subword tokenizer may merge differently around a needle once it moves into the context."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply_chat_template(self, messages, **kwargs):
+        text = messages[0]["content"]
+        needle_then_context = r"(?:the pass key\.|catalogue number \d+\.|= [A-Z]{4}\.) (?!\n|What|[A-Z]{4} =)"
+        extra = 40 * len(re.findall(needle_then_context, text))
+        return list(self.inner.apply_chat_template(messages, **kwargs)) + [0] * extra
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_prompt_fits_even_when_the_needle_tokenizes_longer_in_place(tokenizer, task):
+    merging = _MergingTokenizer(tokenizer)
+    for index in range(4):
+        item = make_eval_item(merging, task, 1024, MAX_NEW, index, 0)
+        assert len(chat_ids(merging, item.prompt)) <= 1024 - MAX_NEW
+
+
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_answer_is_stated_far_back_in_the_prompt(tokenizer, task):
     for index in range(6):

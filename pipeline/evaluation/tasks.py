@@ -5,8 +5,10 @@ profiling but not accuracy. The tasks here are worded so that the dense embedded
 answers most of them at short context, so that a sparse plan's accuracy loss is measurable:
 
 - ``passkey``: a pass-key sentence hidden at a random depth in repetitive filler; ask for the pass key.
-- ``var_tracking``: RULER-style chains of assignments (``NAME = 12345``, then ``OTHER = NAME``; ``hops`` links)
-  hidden in the filler, one asked about and ``distractors`` more; ask what the asked chain's last name equals.
+- ``var_tracking``: RULER-style chains of assignments (``NAME = 12345``, then ``OTHER = NAME``; ``hops`` links, 2
+  by default) hidden in the filler; the header names the asked variable up front and the question asks for it at
+  the end. ``distractors`` adds chains of the same shape (0 by default: with one distractor chain dense SmolLM2 is
+  at chance, 3-4 of 8 at 1k tokens).
 - ``multi_doc_qa``: titled passages of natural English prose, one of which carries a planted catalogue number;
   ask for it by the passage's title.
 
@@ -15,6 +17,9 @@ calibration (``"calibration"``) and validation (``"validation"``) never use, and
 from calibration's. Each item is an ``EvalItem``: a calibration ``TaskItem`` (``task, prompt, answer``) plus the
 ``needle``, the exact sentence of the prompt that holds the answer. The needle is placed in the first 80% of the
 context, so the answer always lies well before the question.
+
+Measured with dense SmolLM2-135M-Instruct (greedy, chat template, 48 new tokens, 10 items per cell): every task
+scores 10/10 at 512 and 1024 tokens; at 2048, passkey 4/10, var_tracking 9/10, multi_doc_qa 10/10.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ FILLER = (
     "The road goes on and on. ",
     "Clouds pass over the old stone wall. ",
 )
-MAX_RETRIES = 16
+RETRY_TIGHTER = (1, 2, 4, 8, 16, 32, 64)
+"""How many tokens tighter each redraw sizes the text, when a finished prompt overshoots its budget."""
 MAX_DEPTH = 0.8
 """The needle goes at a depth drawn uniformly from [0, MAX_DEPTH] of the filler (0 = start of the context)."""
 
@@ -44,7 +50,8 @@ PASSKEY_HEADER = ("There is a pass key hidden inside a lot of irrelevant text. F
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "\n\nWhat is the pass key? Answer with the pass key only."
 
-VAR_HEADER = "Below, some names are set equal to numbers or to other names. I will ask you what number {name} is equal to.\n\n"
+VAR_HEADER = ("Below, some names are set equal to numbers or to other names. "
+              "I will ask you what number {name} is equal to.\n\n")
 VAR_FIRST = "{name} = {value}. "
 VAR_LINK = "{name} = {previous}. "
 VAR_QUESTION = "\n\nWhat number is {name} equal to? Answer with the number only."
@@ -140,7 +147,8 @@ def multi_doc_qa(rng: random.Random, fits: Callable[[str], bool]) -> EvalItem:
         return DOC_ENTRY.format(number=i + 1, title=title(i), text=text)
 
     probe = DOC_QUESTION.format(title="Xxxxxxxxx")
-    docs = _fill(lambda i: entry(i, paragraphs[order[i % len(order)]]), lambda body: fits(DOC_HEADER + body + fact + probe))
+    docs = _fill(lambda i: entry(i, paragraphs[order[i % len(order)]]),
+                 lambda body: fits(DOC_HEADER + body + fact + probe))
     # Top up with the leading words of one more passage, so the prompt ends close to the budget.
     words = paragraphs[order[len(docs) % len(order)]].split()
     for count in range(len(words) - 1, 0, -1):
@@ -170,15 +178,15 @@ def make_eval_item(tokenizer, task: str, length: int, max_new_tokens: int, index
 
     The generators size their text against the budget before placing the needle; where a subword tokenizer
     merges differently around the needle and the finished prompt overshoots by a token or two, the item is
-    drawn again from the same seed against a budget ``MAX_RETRIES`` tokens tighter at most, so every prompt fits.
+    drawn again from the same seed against a budget ``RETRY_TIGHTER`` tokens tighter, so every prompt fits.
     Raises ValueError for an unknown task or a length too short for it."""
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; known: {sorted(TASKS)}")
     budget = length - max_new_tokens
     count = lambda text: len(chat_ids(tokenizer, text))  # noqa: E731
-    for tighter in range(MAX_RETRIES + 1):
+    for tighter in (0, *RETRY_TIGHTER):
         rng = item_rng(split, task, length, index, seed)
-        item = TASKS[task](rng, lambda text: count(text) <= budget - tighter)
+        item = TASKS[task](rng, lambda text, limit=budget - tighter: count(text) <= limit)
         if count(item.prompt) <= budget:
             return item
     raise ValueError(f"could not fit a {task} item in {budget} tokens")
