@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK_BENCH = ("benchmark.seq_lens=[512]", "benchmark.repeats=2", "benchmark.backends=[dense,cpu]", "benchmark.decode_repeats=3")
 # Calibrated at three lengths but profiled at two: the unseen validation length (the midpoint of the two longest
 # profile lengths, 1152) is a calibration length, so held-out and calibration samples of one length exist side by side.
-LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]", "evaluate.lengths=[768,1536]",
+LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]", "evaluate.lengths=[768]",
            "evaluate.samples=1", "evaluate.max_new_tokens=4")
 VALIDATION_LENGTH = 1152
 
@@ -52,7 +52,7 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
     cells = {(r.method, r.budget, r.task, r.seq_len) for r in frame.itertuples()}
     methods = {("dense", "")} | {(m, b) for m in ("moa", "binary", "uniform") for b in ("0.5", "0.25")}
     tasks = ("passkey", "var_tracking", "multi_doc_qa")
-    assert cells == {(m, b, t, n) for m, b in methods for t in tasks for n in (768, 1536)}
+    assert cells == {(m, b, t, n) for m, b in methods for t in tasks for n in (768,)}
     assert ((frame["acc_lo"] <= frame["accuracy"]) & (frame["accuracy"] <= frame["acc_hi"])).all()
     dense = frame[frame["method"] == "dense"]
     assert (dense["agree_dense"] == 1).all() and (dense["kl_dense"] == 0).all() and (dense["kv_density"] == 1).all()
@@ -178,10 +178,10 @@ def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric
         assert run["metrics.kv_density:768"] <= float(run["tags.budget"]) + 1e-9  # from optimize
         assert run["metrics.val_ppl"] > 0  # from validate
         row = frame[(frame["method"] == "moa") & (frame["budget"] == run["tags.budget"])
-                    & (frame["task"] == "passkey") & (frame["seq_len"] == 1536)].iloc[0]
-        assert run["metrics.accuracy:passkey:1536"] == pytest.approx(row["accuracy"])  # from evaluate
+                    & (frame["task"] == "passkey") & (frame["seq_len"] == 768)].iloc[0]
+        assert run["metrics.accuracy:passkey:768"] == pytest.approx(row["accuracy"])  # from evaluate
     dense = runs[runs["tags.method"] == "dense"].iloc[0]
-    assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:1536"] == 1.0
+    assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:768"] == 1.0
 
 
 @pytest.mark.parametrize("name", ["accuracy_latency_front.ipynb", "compare_plans.ipynb"])
