@@ -199,51 +199,68 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
     itemsize = torch.empty((), dtype=s.dtype).element_size()
     group = s.heads // s.kv_heads
     rows = []
-    grid = [(n, f, b) for n in s.decode_seq_lens for f in (1.0, *s.densities) for b in s.decode_backends]
-    dense_ms = {}
-    for n, fraction, backend in progress(grid):
+    grid = [(n, b) for n in s.decode_seq_lens for b in s.decode_backends]
+    for n, backend in progress(grid):
         total = n + s.warmup + s.decode_repeats + 2  # room for every timed step
-        kv_spans = uniform_spans(n, fraction, s.kv_heads) if fraction < 1.0 else torch.full((s.kv_heads,), total)
-        query_spans = kv_spans.repeat_interleave(group)  # (Hq,)
-        layer = PerHeadLayer(query_spans, kv_spans, s.sink, total, batch_size=s.batch, head_dim=s.head_dim,
-                             dtype=s.dtype, device=s.device)
-        prompt = torch.randn(2, s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
-        layer.update(prompt[0], prompt[1])  # prefill: (B, Hkv, N, D) into each head's sink + ring
         q = torch.randn(s.batch, s.heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
         token = torch.randn(2, s.batch, s.kv_heads, 1, s.head_dim, generator=gen).to(s.device, s.dtype)
-
-        def step(backend=backend, layer=layer, q=q, token=token):
-            keys, values = layer.update(token[0], token[1])  # (B, T, D) packed
-            return packed_decode_attention(q, keys, values, layer.offsets, layer.valid_lengths(),
-                                           keep=layer.decode_keep(), backend=backend)
-
-        out = step()
-        expected = packed_decode_attention(q.float(), layer.keys.float(), layer.values.float(), layer.offsets,
-                                           layer.valid_lengths(), keep=layer.decode_keep(), backend="reference")
-        err = (out.float() - expected).abs().max().item()
-        lat = time_ms(step, s.warmup, s.decode_repeats, s.device)
-        if fraction == 1.0:
-            dense_ms[(n, backend)] = lat["latency_ms_p50"]
-        kept = sum(layer.capacities)
-        dense_bytes = s.batch * s.kv_heads * total * s.head_dim * 2 * itemsize
-        expected_bytes = dense_bytes * spans_kv_density(query_spans, s.kv_heads, s.sink, total)  # not from the cache
-        rows.append({
-            "section": "decode", "backend": f"decode-{backend}" if fraction < 1.0 else f"decode-{backend}-dense",
-            "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""), "seq_len": n,
-            "density": fraction, "span": int(kv_spans[0]), "sink": s.sink, "batch": s.batch,
-            "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
-            "attention_density": kept / (total * s.kv_heads),  # one query row: kept keys / all keys
-            **lat,
-            "speedup_vs_dense": dense_ms[(n, backend)] / lat["latency_ms_p50"],
-            "speedup_vs_flex": float("nan"),
-            "ideal_speedup": total * s.kv_heads / kept,
-            "fraction_of_ideal": dense_ms[(n, backend)] / lat["latency_ms_p50"] / (total * s.kv_heads / kept),
-            "max_abs_err": err,
-            "gflops": 4.0 * kept * group * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
-            "kv_cache_mb": layer.nbytes_allocated / 2**20,
-            "kv_bytes_vs_density": layer.nbytes_allocated / expected_bytes,
-        })
+        prompt = torch.randn(2, s.batch, s.kv_heads, n, s.head_dim, generator=gen).to(s.device, s.dtype)
+        cases = {}
+        for fraction in (1.0, *s.densities):  # dense (a cache holding every token) first
+            kv_spans = uniform_spans(n, fraction, s.kv_heads) if fraction < 1.0 else torch.full((s.kv_heads,), total)
+            layer = PerHeadLayer(kv_spans.repeat_interleave(group), kv_spans, s.sink, total, batch_size=s.batch,
+                                 head_dim=s.head_dim, dtype=s.dtype, device=s.device)
+            layer.update(prompt[0], prompt[1])  # prefill: (B, Hkv, N, D) into each head's sink + ring
+            cases[fraction] = (layer, kv_spans, _decode_step(backend, layer, q, token))
+        errors = {f: _decode_error(layer, q, step) for f, (layer, _, step) in cases.items()}
+        # Dense and sparse caches step round-robin, so load drifting between rounds hits both alike.
+        times = interleaved_ms({f: step for f, (_, _, step) in cases.items()}, s.warmup, s.decode_repeats, s.device)
+        for fraction, (layer, kv_spans, _) in cases.items():
+            rows.append(_decode_row(s, backend, n, fraction, total, layer, kv_spans, times[fraction], times[1.0],
+                                    errors[fraction], group, itemsize))
     return rows
+
+
+def _decode_step(backend: str, layer, q, token) -> Callable[[], torch.Tensor]:
+    def step():
+        keys, values = layer.update(token[0], token[1])  # (B, T, D) packed
+        return packed_decode_attention(q, keys, values, layer.offsets, layer.valid_lengths(),
+                                       keep=layer.decode_keep(), backend=backend)
+    return step
+
+
+def _decode_error(layer, q, step) -> float:
+    """Max error of one step against the float32 reference over the same cache contents."""
+    out = step()
+    expected = packed_decode_attention(q.float(), layer.keys.float(), layer.values.float(), layer.offsets,
+                                       layer.valid_lengths(), keep=layer.decode_keep(), backend="reference")
+    return (out.float() - expected).abs().max().item()
+
+
+def _decode_row(s: BenchSettings, backend: str, n: int, fraction: float, total: int, layer, kv_spans,
+                times: list[float], dense_times: list[float], err: float, group: int, itemsize: int) -> dict:
+    lat = percentiles(times)
+    speedup = median_ratio(dense_times, times)
+    kept = sum(layer.capacities)
+    ideal = total * s.kv_heads / kept
+    dense_bytes = s.batch * s.kv_heads * total * s.head_dim * 2 * itemsize
+    expected_bytes = dense_bytes * spans_kv_density(kv_spans.repeat_interleave(group), s.kv_heads, s.sink, total)
+    return {
+        "section": "decode", "backend": f"decode-{backend}" if fraction < 1.0 else f"decode-{backend}-dense",
+        "device": s.device.type, "dtype": str(s.dtype).replace("torch.", ""), "seq_len": n,
+        "density": fraction, "span": int(kv_spans[0]), "sink": s.sink, "batch": s.batch,
+        "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
+        "attention_density": kept / (total * s.kv_heads),  # one query row: kept keys / all keys
+        **lat,
+        "speedup_vs_dense": speedup,
+        "speedup_vs_flex": float("nan"),
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": speedup / ideal,
+        "max_abs_err": err,
+        "gflops": 4.0 * kept * group * s.head_dim * s.batch / lat["latency_ms_p50"] / 1e6,
+        "kv_cache_mb": layer.nbytes_allocated / 2**20,
+        "kv_bytes_vs_density": layer.nbytes_allocated / expected_bytes,  # not from the cache
+    }
 
 
 def available_backends(requested: Iterable[str], device: torch.device, choices: tuple[str, ...]) -> tuple[str, ...]:

@@ -133,3 +133,20 @@ def test_kv_bytes_vs_density_measures_the_cache_against_the_formula(monkeypatch)
     dense, sparse = bench.decode_rows(s)
     assert dense["kv_bytes_vs_density"] == pytest.approx(1.0)  # capped at the total length either way
     assert sparse["kv_bytes_vs_density"] == pytest.approx((4 + 50 + 8) / (4 + 50))
+
+
+def test_decode_times_dense_and_sparse_caches_side_by_side(monkeypatch):
+    """Every decode timing call holds the dense cache and the sparse ones, so their ratio is measured round-robin."""
+    calls = []
+    real = bench.interleaved_ms
+
+    def recording(fns, *args):
+        calls.append(sorted(fns))
+        return real(fns, *args)
+
+    monkeypatch.setattr(bench, "interleaved_ms", recording)
+    s = bench_settings(compose(["model=tiny", *QUICK, "benchmark.densities=[0.25,0.5]", "benchmark.warmup=0",
+                               "benchmark.decode_repeats=2"]))
+    rows = bench.decode_rows(s)
+    assert calls == [[0.25, 0.5, 1.0]] * len(s.decode_seq_lens) * len(s.decode_backends)
+    assert len(rows) == 3 * len(s.decode_seq_lens) * len(s.decode_backends)
