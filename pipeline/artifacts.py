@@ -24,8 +24,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import profile_lengths  # noqa: F401  (the one definition; re-exported for artifact users)
-
 LOSS_TABLE_COLUMNS = ("layer", "head", "rule", "alpha", "beta", "length", "loss", "kv_density", "attention_density")
 CALIBRATION_TENSORS = ("input_ids", "loss_mask", "lengths")
 

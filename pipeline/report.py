@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pipeline.artifacts import ArtifactError, RunArtifacts
 
+METHOD_ORDER = {"moa": 0, "binary": 1, "uniform": 2}
+
 
 def final_summary(cfg, run_dir: Path) -> str:
     """A short human summary of the selected plans (one per budget), or what is still missing for one."""
@@ -34,9 +36,6 @@ def final_summary(cfg, run_dir: Path) -> str:
               f"All validation results: {artifacts.validation_results}",
               f"MLflow UI on these runs: {ui_command(cfg, run_dir)}"]
     return "\n".join(lines)
-
-
-METHOD_ORDER = {"moa": 0, "binary": 1, "uniform": 2}
 
 
 def ui_command(cfg, run_dir: Path) -> str:

@@ -111,13 +111,13 @@ def _mean_kl(model, method: Method, gens: list[Generation], refs: list[Generatio
     if method.plan is None:
         return 0.0
     values = []
-    for gen, ref in zip(gens, refs, strict=True):
-        if gen.response_ids[:len(ref.response_ids)] == ref.response_ids:
-            logits = gen.logits[:len(ref.response_ids)]  # same prefix: the decode logits are the teacher-forced ones
-        else:
-            with _attention(model, method, backend):
+    with _attention(model, method, backend):
+        for gen, ref in zip(gens, refs, strict=True):
+            if gen.response_ids[:len(ref.response_ids)] == ref.response_ids:
+                logits = gen.logits[:len(ref.response_ids)]  # same prefix: the decode logits are teacher-forced ones
+            else:
                 logits = teacher_forced_logits(model, ref.prompt_ids, ref.response_ids)
-        values.append(kl_from_dense(ref.logits, logits, torch.ones(len(ref.response_ids))))
+            values.append(kl_from_dense(ref.logits, logits, torch.ones(len(ref.response_ids))))
     return sum(values) / len(values)
 
 

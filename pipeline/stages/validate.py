@@ -81,7 +81,7 @@ def run_validate(ctx):
 
     dense_ppl = scored()
     rows = [_row("dense", "dense", "", None, length, dense_ppl, dense_ppl)]
-    selected = {}
+    selected, selected_plans = {}, {}
     for budget in (budget_label(b) for b in settings.optimize.budgets):
         entries = [e for e in front if e["budget"] == budget]
         chosen = shortlist([e for e in entries if e["method"] == "moa"], lengths, settings.validate.shortlist)
@@ -93,14 +93,16 @@ def run_validate(ctx):
             scored_rows.append(_row(name, method, budget, plan, length, scored_with(plan), dense_ppl))
         candidates = [r for r in scored_rows if r["method"] == "moa"]
         best = min(candidates, key=lambda r: (r["val_ppl"], r["kv_density"]))
-        uniform = uniform_window_plan(info, best["kv_density"], length, sink=plans[best["plan"]].sink,
-                                      min_span=plans[best["plan"]].min_span, block_size=plans[best["plan"]].block_size,
-                                      granularity=plans[best["plan"]].granularity)
+        best_plan = plans[best["plan"]]
+        uniform = uniform_window_plan(info, best["kv_density"], length, sink=best_plan.sink,
+                                      min_span=best_plan.min_span, block_size=best_plan.block_size,
+                                      granularity=best_plan.granularity)
         scored_rows.append(_row(f"uniform_{budget}", "uniform", budget, uniform, length, scored_with(uniform),
                                 dense_ppl))
         rows += scored_rows
         selected[budget] = best
-        save_plan(plans[best["plan"]], artifacts.selected_plan_at(budget))
+        selected_plans[budget] = best_plan
+        save_plan(best_plan, artifacts.selected_plan_at(budget))
         _plan_run(ctx, best).set_tags({"selected": "true"})
         _log_candidates(ctx, front, scored_rows, length)
 
@@ -108,7 +110,7 @@ def run_validate(ctx):
     frame.insert(3, "length", length)
     io.write_csv(artifacts.validation_results, frame)
     first = next(iter(selected))
-    save_plan(_load(artifacts.selected_plan_at(first), info), artifacts.selected_plan)
+    save_plan(selected_plans[first], artifacts.selected_plan)
     _plan_run(ctx, rows[0]).log_metrics({"val_ppl": dense_ppl})
     metrics = {"dense_val_ppl": dense_ppl}
     for budget, best in selected.items():
