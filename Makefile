@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/smollm2
 
-.PHONY: setup run test test-compat test-slow test-all ui lint clean notebooks
+.PHONY: setup run test test-compat test-slow test-all ui dashboard lint clean notebooks
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ ui: setup
 		--backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db \
 		--default-artifact-root $(RUN_DIR)/mlartifacts
 
+# Watch the adapter-composition study (stage=adapters) live: trials, Pareto front, parameter importances.
+dashboard: setup
+	$(VENV)/bin/optuna-dashboard sqlite:///$(abspath $(RUN_DIR))/optuna.db --host 127.0.0.1 --port 8080
+
 # Execute the notebooks against one run directory; the executed copies go beside it, in <run dir>/notebooks/.
 # fronts.ipynb reads MOA_RUN_DIR; the other two take papermill parameters. A run directory without its MLflow
 # store is refused before anything runs (connecting to a missing SQLite store would create an empty one).
@@ -66,6 +70,8 @@ notebooks: setup
 	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/accuracy_latency_front.ipynb \
 		$(NOTEBOOKS_DIR)/notebooks/accuracy_latency_front.ipynb
 	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/compare_plans.ipynb $(NOTEBOOKS_DIR)/notebooks/compare_plans.ipynb
+	$(if $(wildcard $(NOTEBOOKS_DIR)/adapters/results.csv),$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/adapter_search.ipynb \
+		$(NOTEBOOKS_DIR)/notebooks/adapter_search.ipynb,@echo "adapter_search.ipynb skipped: $(NOTEBOOKS_DIR) has no stage=adapters results")
 	@echo "executed notebooks: $(NOTEBOOKS_DIR)/notebooks/"
 
 lint: setup

@@ -11,6 +11,7 @@ layout (see ``docs/artifacts.md``)::
     plan.json                             (the selected plan)
     eval/results.csv
     bench/kernels.csv
+    adapters/results.csv, adapters/<name>/     optuna.db
     <stage>/.done.json                    (completion markers, see pipeline.runner)
 
 Loaders raise :class:`ArtifactError` (a ``ValueError``) naming the file and the stage that makes it; the runner
@@ -108,6 +109,19 @@ class RunArtifacts:
     @property
     def bench_csv(self) -> Path:
         return self.run_dir / "bench" / "kernels.csv"
+
+    @property
+    def adapter_results(self) -> Path:
+        return self.run_dir / "adapters" / "results.csv"
+
+    def adapter_weights(self, name: str) -> Path:
+        """The saved adapters of trial or baseline ``name`` (a directory: safetensors plus JSON config)."""
+        return self.run_dir / "adapters" / name
+
+    @property
+    def optuna_db(self) -> Path:
+        """The default Optuna storage (``adapters.optuna.storage=null``)."""
+        return self.run_dir / "optuna.db"
 
     # ---- loaders --------------------------------------------------------------------------------------------
     def load_calibration(self, n: int) -> dict:

@@ -79,7 +79,7 @@ def stage_hash(cfg: DictConfig, name: str, stages: dict[str, Stage]) -> str:
         "device": resolved_device(cfg) if spec.device_bound else None,
         "code": code_version(spec),
         "sections": {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys},
-        "inputs": {req: stage_hash(cfg, req, stages) for req in spec.requires if req in stages},
+        "inputs": {req: stage_hash(cfg, req, stages) for req in spec.inputs(cfg) if req in stages},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -130,9 +130,12 @@ def is_done(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stag
     return True
 
 
-def write_marker(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stage], **extra) -> None:
-    """Atomically replace stage ``spec``'s completion marker with one vouching for its outputs as they are now."""
-    inputs = {req: (read_marker(run_dir, req) or {}).get("outputs_digest") for req in spec.requires if req in stages}
+def write_marker(run_dir: Path, spec: Stage, config_hash: str, stages: dict[str, Stage], *,
+                 requires: tuple[str, ...] | None = None, **extra) -> None:
+    """Atomically replace stage ``spec``'s completion marker with one vouching for its outputs as they are now
+    and for the inputs it read (``requires``: ``spec.requires`` unless given)."""
+    requires = spec.requires if requires is None else requires
+    inputs = {req: (read_marker(run_dir, req) or {}).get("outputs_digest") for req in requires if req in stages}
     io.write_json(run_dir / spec.name / MARKER, {
         "stage": spec.name, "config_hash": config_hash, "outputs_digest": outputs_digest(run_dir, spec),
         "inputs": inputs, **extra,
@@ -202,9 +205,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, str]:
 def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _Session) -> str:
     spec, run_dir = stages[name], session.run_dir
     config_hash = stage_hash(cfg, name, stages)
-    for req in spec.requires:
+    for req in spec.inputs(cfg):
         if req in stages and not is_done(run_dir, stages[req], stage_hash(cfg, req, stages)):
-            raise UserError(f"stage {name} needs the artifacts of stage {req} for this config: run stage={req} first")
+            hint = f", or {spec.requires_when_hint}" if req not in spec.requires and spec.requires_when_hint else ""
+            raise UserError(f"stage {name} needs the artifacts of stage {req} for this config: run stage={req} first"
+                            f"{hint}")
     force = bool(cfg.force)
     if not force and is_done(run_dir, spec, config_hash):
         print(f"[{name}] up to date (config {config_hash}): skipped; use force=true to redo", flush=True)
@@ -227,7 +232,7 @@ def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _S
         info = loaded.info.as_dict() if loaded is not None else None
         if info:
             run.set_tags({"model_fingerprint": info["fingerprint"]})
-        write_marker(run_dir, spec, config_hash, stages, seconds=round(seconds, 3), model=info, summary=summary,
-                     mlflow_run_id=run.run_id)
+        write_marker(run_dir, spec, config_hash, stages, requires=spec.inputs(cfg), seconds=round(seconds, 3),
+                     model=info, summary=summary, mlflow_run_id=run.run_id)
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
     return "ran"

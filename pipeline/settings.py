@@ -55,6 +55,9 @@ MODEL_SOURCES = ("smollm2_gguf", "tiny", "path")
 TINY_KEYS = ("seed", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 SOLVERS = ("highs", "cbc")
 TRACKING_SCHEMES = ("sqlite:", "http:", "https:", "file:", "postgresql:")
+STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql")
+SAMPLERS = ("tpe", "nsga2")
+PRUNERS = ("median", "none")
 MIN_LENGTH = 16
 """The shortest calibration, profile or validation length."""
 BENCH_CPU_SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
@@ -636,6 +639,131 @@ def bench_settings(cfg: DictConfig):
 
 
 @dataclass(frozen=True)
+class OptunaSettings:
+    """``adapters.optuna.*``: the composition study, its sampler, pruner and storage."""
+
+    trials: int
+    sampler: str
+    sampler_seed: int
+    startup_trials: int
+    pruner: str
+    pruner_startup_trials: int
+    storage: str | None
+    """``None``: ``sqlite:///<run_dir>/optuna.db``."""
+    study_name: str
+    heartbeat_s: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> OptunaSettings:
+        node = cfg.adapters.get("optuna") if isinstance(cfg.get("adapters"), DictConfig) else None
+        if not isinstance(node, DictConfig):
+            raise _bad("adapters.optuna", node, "a config section (a mapping)")
+        read = node.get
+        storage = read("storage")
+        if storage is not None and not (isinstance(storage, str) and storage.startswith(STORAGE_SCHEMES)):
+            raise _bad("adapters.optuna.storage", storage, f"null or an RDB URL starting with {', '.join(STORAGE_SCHEMES)}")
+        return cls(
+            trials=_int("adapters.optuna.trials", read("trials"), 1),
+            sampler=_choice("adapters.optuna.sampler", read("sampler"), SAMPLERS),
+            sampler_seed=_int("adapters.optuna.sampler_seed", read("sampler_seed"), 0),
+            startup_trials=_int("adapters.optuna.startup_trials", read("startup_trials"), 0),
+            pruner=_choice("adapters.optuna.pruner", read("pruner"), PRUNERS),
+            pruner_startup_trials=_int("adapters.optuna.pruner_startup_trials", read("pruner_startup_trials"), 0),
+            storage=storage,
+            study_name=_text("adapters.optuna.study_name", read("study_name")),
+            heartbeat_s=_int("adapters.optuna.heartbeat_s", read("heartbeat_s"), 1),
+        )
+
+
+@dataclass(frozen=True)
+class AdaptersSettings:
+    """``adapters.*``: the Mixture-of-Adapters search, its tasks, training and baselines."""
+
+    tasks: tuple[str, ...]
+    train_examples: int
+    val_examples: int
+    test_examples: int
+    steps: int
+    batch_size: int
+    max_new_tokens: int
+    latency_prompts: int
+    latency_rounds: int
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    search_space: Any
+    """The checked :class:`pipeline.search.space.SearchSpace`."""
+    search_space_path: str | None
+    plan: str | None
+    """``selected``: validate's plan at the first budget; a plan file path; ``None``: no plan."""
+    backend: str
+    seed: int
+    optuna: OptunaSettings
+    lora_targets: tuple[str, ...]
+    moe_lora_experts: int
+    moe_lora_rank: int
+    moe_lora_targets: tuple[str, ...]
+    moe_lora_top_k: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> AdaptersSettings:
+        from kernels import PREFILL_BACKENDS
+        from pipeline.adapters.composition import LORA_TARGETS
+        from pipeline.adapters.tasks import TASKS
+        from pipeline.search.space import load_space
+
+        read = _section(cfg, "adapters")
+        space_path = read("search_space")
+        if space_path is not None:
+            space_path = _text("adapters.search_space", space_path, "null or a search-space YAML path")
+        if space_path is not None and not Path(space_path).expanduser().is_file():
+            raise _bad("adapters.search_space", space_path, "null or an existing search-space YAML file")
+        try:
+            space = load_space(space_path and Path(space_path).expanduser())
+        except ValueError as err:
+            raise _bad("adapters.search_space", space_path, f"a usable search space; {err}") from None
+        plan = read("plan")
+        if plan is not None and plan != "selected":
+            plan = _text("adapters.plan", plan, "null, selected, or a plan file path")
+            if not Path(plan).expanduser().is_file():
+                raise _bad("adapters.plan", plan, "null, selected, or an existing plan file")
+        baselines = cfg.adapters.get("baselines")
+        if not isinstance(baselines, DictConfig):
+            raise _bad("adapters.baselines", baselines, "a config section (a mapping)")
+        experts = _int("adapters.baselines.moe_lora_experts", baselines.get("moe_lora_experts"), 2)
+        top_k = _int("adapters.baselines.moe_lora_top_k", baselines.get("moe_lora_top_k"), 1)
+        if top_k > experts:
+            raise _bad("adapters.baselines.moe_lora_top_k", top_k, f"at most moe_lora_experts={experts}")
+        return cls(
+            tasks=_choice_list("adapters.tasks", read("tasks"), tuple(TASKS)),
+            train_examples=_int("adapters.train_examples", read("train_examples"), 1),
+            val_examples=_int("adapters.val_examples", read("val_examples"), 1),
+            test_examples=_int("adapters.test_examples", read("test_examples"), 1),
+            steps=_int("adapters.steps", read("steps"), 2),
+            batch_size=_int("adapters.batch_size", read("batch_size"), 1),
+            max_new_tokens=_int("adapters.max_new_tokens", read("max_new_tokens"), 1),
+            latency_prompts=_int("adapters.latency_prompts", read("latency_prompts"), 1),
+            latency_rounds=_int("adapters.latency_rounds", read("latency_rounds"), 1),
+            weight_decay=_number("adapters.weight_decay", read("weight_decay"), lambda x: x >= 0, "a number >= 0"),
+            warmup_ratio=_number("adapters.warmup_ratio", read("warmup_ratio"), lambda x: 0 <= x < 1,
+                                 "a number in [0, 1)"),
+            max_grad_norm=_number("adapters.max_grad_norm", read("max_grad_norm"), lambda x: x > 0, "a number > 0"),
+            search_space=space,
+            search_space_path=space_path,
+            plan=plan,
+            backend=_choice("adapters.backend", read("backend"), PREFILL_BACKENDS),
+            seed=_int("adapters.seed", read("seed"), 0),
+            optuna=OptunaSettings.from_cfg(cfg),
+            lora_targets=_choice_list("adapters.baselines.lora_targets", baselines.get("lora_targets"), LORA_TARGETS),
+            moe_lora_experts=experts,
+            moe_lora_rank=_int("adapters.baselines.moe_lora_rank", baselines.get("moe_lora_rank"), 1),
+            moe_lora_targets=_choice_list("adapters.baselines.moe_lora_targets", baselines.get("moe_lora_targets"),
+                                          LORA_TARGETS),
+            moe_lora_top_k=top_k,
+        )
+
+
+@dataclass(frozen=True)
 class TrackingSettings:
     """``tracking.*``: the MLflow store (``None``: SQLite under ``run_dir``) and experiment."""
 
@@ -664,6 +792,7 @@ class Settings:
     optimize: OptimizeSettings
     validate: ValidateSettings
     evaluate: EvaluateSettings
+    adapters: AdaptersSettings
     benchmark: Any
     """The resolved :class:`kernels.bench.BenchSettings`."""
     tracking: TrackingSettings
@@ -685,6 +814,7 @@ def check_all(cfg: DictConfig) -> Settings:
         optimize=OptimizeSettings.from_cfg(cfg),
         validate=ValidateSettings.from_cfg(cfg, need_length="validate" in run.stages),
         evaluate=EvaluateSettings.from_cfg(cfg),
+        adapters=AdaptersSettings.from_cfg(cfg),
         benchmark=bench_settings(cfg),
         tracking=TrackingSettings.from_cfg(cfg),
     )

@@ -76,7 +76,9 @@ def test_documented_layout_is_the_artifacts_module(tmp_path):
                 artifacts.influence(512), artifacts.long_range_figure(512), artifacts.profile_summary,
                 artifacts.loss_table, artifacts.head_scaling, artifacts.candidate_plan(0), artifacts.front,
                 artifacts.heldout(512), artifacts.validation_results, artifacts.selected_plan, artifacts.bench_csv,
-                artifacts.binary_plan("0.5"), artifacts.selected_plan_at("0.5"), artifacts.eval_results]
+                artifacts.binary_plan("0.5"), artifacts.selected_plan_at("0.5"), artifacts.eval_results,
+                artifacts.adapter_results, artifacts.optuna_db]
+    assert f"`{artifacts.adapter_weights('<name>').relative_to(tmp_path)}/`" in doc
     for path in produced:
         documented = str(path.relative_to(tmp_path)).replace("512", "<N>").replace("plan_0", "plan_<i>") \
             .replace("0.5", "<budget>")

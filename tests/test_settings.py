@@ -88,6 +88,36 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "benchmark.repeats": ("0",),
     "benchmark.decode_repeats": ("0",),
     "benchmark.error_rows": ("0",),
+    "adapters.tasks": ("[bogus]", "[]", "arithmetic"),
+    "adapters.train_examples": ("0", "abc"),
+    "adapters.val_examples": ("0",),
+    "adapters.test_examples": ("-2",),
+    "adapters.steps": ("1", "true"),
+    "adapters.batch_size": ("0",),
+    "adapters.max_new_tokens": ("0",),
+    "adapters.latency_prompts": ("0",),
+    "adapters.latency_rounds": ("0", "abc"),
+    "adapters.weight_decay": ("-1", "abc"),
+    "adapters.warmup_ratio": ("1", "-0.5"),
+    "adapters.max_grad_norm": ("0",),
+    "adapters.search_space": (MISSING, FILE, "''"),
+    "adapters.plan": (MISSING, "''"),
+    "adapters.backend": ("warp",),
+    "adapters.seed": ("-1",),
+    "adapters.optuna.trials": ("0", "abc"),
+    "adapters.optuna.sampler": ("random",),
+    "adapters.optuna.sampler_seed": ("-1",),
+    "adapters.optuna.startup_trials": ("-1",),
+    "adapters.optuna.pruner": ("hyperband",),
+    "adapters.optuna.pruner_startup_trials": ("-1",),
+    "adapters.optuna.storage": ("mongodb://host/db", "5"),
+    "adapters.optuna.study_name": ("''",),
+    "adapters.optuna.heartbeat_s": ("0",),
+    "adapters.baselines.lora_targets": ("[q,bogus]", "[]"),
+    "adapters.baselines.moe_lora_experts": ("1",),
+    "adapters.baselines.moe_lora_rank": ("0",),
+    "adapters.baselines.moe_lora_targets": ("[w]",),
+    "adapters.baselines.moe_lora_top_k": ("0", "9"),
     "tracking.uri": ("ftp://host", "5"),
     "tracking.experiment": ("''",),
     "sparse.sink": ("-1",),
@@ -97,12 +127,12 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
 }
 
 
-def config_keys(cfg: DictConfig) -> set[str]:
-    """Top-level scalar keys and ``section.key`` for every key of every section."""
+def config_keys(cfg: DictConfig, prefix: str = "") -> set[str]:
+    """Every leaf key as a dotted path (``section.key``, ``section.sub.key``)."""
     keys = set()
     for name in cfg.keys():
         node = cfg._get_node(name)
-        keys |= {f"{name}.{key}" for key in node.keys()} if isinstance(node, DictConfig) else {name}
+        keys |= config_keys(node, f"{prefix}{name}.") if isinstance(node, DictConfig) else {f"{prefix}{name}"}
     return keys
 
 

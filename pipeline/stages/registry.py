@@ -27,16 +27,25 @@ class Stage:
     uses_model: bool = True
     device_bound: bool = True
     """Whether the result depends on the device it was computed on (then the device is part of the hash)."""
+    requires_when: Callable | None = None
+    """``fn(cfg) -> stage names``: inputs that only some configs read (adapters reads validate's plan only when
+    ``adapters.plan=selected``). They count like ``requires`` for that config."""
+    requires_when_hint: str = ""
+    """How to run without the config-dependent inputs, shown when they are missing."""
     module: str = ""
     """The module defining the stage: its source (and its project imports) is part of the hash."""
     doc: str = field(default="")
+
+    def inputs(self, cfg) -> tuple[str, ...]:
+        """The stages whose artifacts this stage reads under ``cfg``."""
+        return self.requires + (tuple(self.requires_when(cfg)) if self.requires_when else ())
 
 
 _REGISTRY: dict[str, Stage] = {}
 
 
 def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: bool = True,
-          device_bound: bool | None = None):
+          device_bound: bool | None = None, requires_when: Callable | None = None, requires_when_hint: str = ""):
     """Decorator registering ``fn`` as the implementation of stage ``name``."""
     if name not in STAGE_ORDER:
         raise ValueError(f"unknown stage name {name!r}")
@@ -46,6 +55,8 @@ def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: boo
             name=name,
             fn=fn,
             requires=tuple(requires),
+            requires_when=requires_when,
+            requires_when_hint=requires_when_hint,
             config_keys=tuple(config_keys),
             outputs=tuple(outputs),
             uses_model=uses_model,

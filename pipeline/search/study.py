@@ -1,0 +1,116 @@
+"""The Optuna study of stage=adapters: storage, sampler, pruning and the Pareto set.
+
+- **Storage** is an RDB (``sqlite:///<run_dir>/optuna.db`` by default, or PostgreSQL for many workers) with
+  heartbeats: a trial whose worker died is failed once its heartbeat is two intervals old, and
+  ``RetryHeartbeatStaleTrialCallback`` enqueues it again once, with the same parameters. Finished trials are never
+  redone: a rerun loads the study (``load_if_exists``) and runs only what is missing.
+- **Sampler**, pinned explicitly with its seed: TPE (multi-objective, ``n_startup_trials`` random trials
+  first) or NSGA-II.
+- **Objectives**: maximise validation accuracy, minimise trainable parameters.
+- **Pruning.** Optuna does not take intermediate values in multi-objective studies (``Trial.report`` raises),
+  so each trial also has a twin in a single-objective study ``<name>:pruning`` in the same storage. The twin
+  reports the intermediate validation accuracy and asks Optuna's ``MedianPruner``; the pruning decision is
+  Optuna's, over the twins of earlier trials.
+"""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+DIRECTIONS = ("maximize", "minimize")  # validation accuracy, trainable parameters
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PRUNING_TWIN = "pruning_twin"
+
+
+def hide_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` shown as ``postgresql://user:***@host/db``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
+    """The RDB storage at ``url``, with heartbeats and one retry of a trial whose worker died.
+
+    An unreachable or unusable database raises a one-line ``ValueError`` naming the URL (password hidden)."""
+    import sqlalchemy.exc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                          engine_kwargs=_engine_kwargs(url))
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"optuna storage {hide_password(url)}: cannot open it ({reason})") from None
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("postgresql"):
+        return {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    return {}
+
+
+def make_sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True,
+                                          group=True, constant_liar=True)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, startup_trials))
+    raise ValueError(f"unknown sampler {kind!r} (expected tpe or nsga2)")
+
+
+def open_study(storage: RDBStorage, name: str, sampler) -> optuna.Study:
+    """The composition study ``name`` (created, or loaded to resume)."""
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=list(DIRECTIONS),
+                               load_if_exists=True)
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed and pruned trials: those that count towards the requested number."""
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def pareto_numbers(study: optuna.Study) -> set[int]:
+    """Numbers of the completed trials on the accuracy / parameter front."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return set()
+    return {t.number for t in study.best_trials}
+
+
+class MedianPruning:
+    """Optuna's ``MedianPruner`` on intermediate validation accuracy, through single-objective twin trials."""
+
+    def __init__(self, storage: RDBStorage, name: str, *, enabled: bool, startup_trials: int):
+        self.enabled = enabled
+        twins = RDBStorage(storage.url, engine_kwargs=_engine_kwargs(storage.url))  # asked and told by hand: no heartbeat
+        self.study = optuna.create_study(
+            study_name=f"{name}:pruning", storage=twins, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0))
+        self._twins: dict[int, optuna.Trial] = {}
+
+    def should_prune(self, trial: optuna.Trial, step: int, val_accuracy: float) -> bool:
+        """Report ``val_accuracy`` at ``step`` for ``trial``; whether Optuna's pruner stops it."""
+        twin = self._twin(trial)
+        twin.report(val_accuracy, step)
+        return self.enabled and twin.should_prune()
+
+    def finish(self, trial: optuna.Trial, val_accuracy: float | None) -> None:
+        """Close ``trial``'s twin: completed with its final validation accuracy, or pruned (``None``)."""
+        twin = self._twins.pop(trial.number, None)
+        if twin is None:
+            return
+        if val_accuracy is None:
+            self.study.tell(twin, state=TrialState.PRUNED)
+        else:
+            self.study.tell(twin, val_accuracy)
+
+    def _twin(self, trial: optuna.Trial) -> optuna.Trial:
+        if trial.number not in self._twins:
+            twin = self.study.ask()
+            trial.set_user_attr(PRUNING_TWIN, twin.number)
+            self._twins[trial.number] = twin
+        return self._twins[trial.number]
