@@ -16,6 +16,10 @@ PROJECT_PACKAGES = ("pipeline", "kernels")
 # Modules that log, orchestrate or report, but shape no artifact: a change to them redoes nothing.
 NOT_RESULT_CODE = frozenset({"pipeline.tracking", "pipeline.plan_runs", "pipeline.context", "pipeline.report",
                              "pipeline.runner", "pipeline.code_digest"})
+# Modules whose own source counts but whose imports are not followed: the settings checks import every section's
+# vocabulary (task names, backends, the adapter search space) only to validate values; the stages that use those
+# modules import them themselves. Following them would make the adapter library part of calibration's key.
+SOURCE_ONLY = frozenset({"pipeline.settings"})
 
 
 @functools.cache
@@ -36,7 +40,8 @@ def _closure(root: str) -> set[str]:
         if name in seen or name in NOT_RESULT_CODE or _origin(name) is None:
             continue
         seen.add(name)
-        todo.extend(_project_imports(name))
+        if name not in SOURCE_ONLY:
+            todo.extend(_project_imports(name))
     return seen
 
 

@@ -33,9 +33,27 @@ def final_summary(cfg, run_dir: Path) -> str:
                          f"{row['attention_density']:.3f}: ppl {row['val_ppl']:.4f} ({row['val_ppl'] / dense:.3f}x dense)"
                          + ("  <- selected" if row["plan"] == best["plan"] else ""))
     lines += [f"Selected plan (budget {first[0]}): {artifacts.selected_plan}  ({first[1]})",
-              f"All validation results: {artifacts.validation_results}",
-              f"MLflow UI on these runs: {ui_command(cfg, run_dir)}"]
+              f"All validation results: {artifacts.validation_results}"]
+    lines += adapters_summary(artifacts)
+    lines.append(f"MLflow UI on these runs: {ui_command(cfg, run_dir)}")
     return "\n".join(lines)
+
+
+def adapters_summary(artifacts: RunArtifacts) -> list[str]:
+    """The adapter search's Pareto compositions against the baselines, as test accuracy with its interval."""
+    import pandas as pd
+
+    path = artifacts.adapter_results
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path)
+    shown = frame[frame["kind"] != "trial"].sort_values(["kind", "trainable_params"])
+    lines = ["", "Adapters (test accuracy, 95% interval, trainable parameters):"]
+    for row in shown.itertuples():
+        lines.append(f"  {row.name:<16} {row.kind:<8} {row.accuracy:.3f} [{row.acc_lo:.3f}, {row.acc_hi:.3f}]  "
+                     f"{int(row.trainable_params):>9,d}  {row.composition}")
+    lines.append(f"All adapter results: {path}  (notebook: notebooks/adapter_search.ipynb)")
+    return lines
 
 
 def ui_command(cfg, run_dir: Path) -> str:

@@ -22,7 +22,8 @@ QUICK_BENCH = ("benchmark.seq_lens=[512]", "benchmark.repeats=2", "benchmark.bac
 # Calibrated at three lengths but profiled at two: the unseen validation length (the midpoint of the two longest
 # profile lengths, 1152) is a calibration length, so held-out and calibration samples of one length exist side by side.
 LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]", "evaluate.lengths=[768]",
-           "evaluate.samples=1", "evaluate.max_new_tokens=4")
+           "evaluate.samples=1", "evaluate.max_new_tokens=4", "adapters.optuna.trials=2")
+STAGES = ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark", "adapters")
 VALIDATION_LENGTH = 1152
 
 
@@ -35,12 +36,35 @@ def full_run(tmp_path_factory):
 
 def test_stage_all_runs_every_implemented_stage_then_skips(full_run):
     run_dir, outcome = full_run
-    for name in ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark"):
-        assert outcome[name] == "ran", outcome
-    assert outcome["adapters"] == "unavailable"
+    assert outcome == dict.fromkeys(STAGES, "ran"), outcome
     again = run_stage(run_dir, "stage=all", *LENGTHS, *QUICK_BENCH)
-    assert {k: v for k, v in again.items() if v != "unavailable"} == dict.fromkeys(
-        ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark"), "skipped")
+    assert again == dict.fromkeys(STAGES, "skipped")
+
+
+def test_adapters_run_with_the_selected_plan_beside_dense(full_run):
+    """adapters.plan=selected (the default): the base model and the most accurate Pareto composition are also
+    trained and scored with validate's plan of the first budget applied."""
+    import json
+
+    import optuna
+    import pandas as pd
+
+    run_dir, _ = full_run
+    frame = pd.read_csv(run_dir / "adapters" / "results.csv").set_index("name")
+    assert "base+plan" in frame.index and frame.loc["base+plan", "kind"] == "baseline"
+    with_plan = [name for name in frame.index if name.startswith("trial_") and name.endswith("+plan")]
+    assert len(with_plan) == 1
+    dense_name = with_plan[0].removesuffix("+plan")
+    assert frame.loc[dense_name, "kind"] == "pareto"
+    assert frame.loc[with_plan[0], "composition"] == frame.loc[dense_name, "composition"]
+    assert frame.loc[with_plan[0], "trainable_params"] == frame.loc[dense_name, "trainable_params"]
+    storage = f"sqlite:///{run_dir}/optuna.db"
+    name = next(s.study_name for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(":pruning"))
+    pareto = optuna.load_study(study_name=name, storage=storage).best_trials
+    best = max(pareto, key=lambda t: (t.values[0], -t.values[1]))
+    assert dense_name == f"trial_{best.number}"
+    config = json.loads((run_dir / "adapters" / with_plan[0] / "adapter_config.json").read_text())
+    assert config["composition"] == best.user_attrs["composition"]
 
 
 def test_evaluation_covers_every_method_budget_task_and_length(full_run):
@@ -131,6 +155,9 @@ def test_stage_all_ends_with_a_summary_of_the_selected_plan(full_run, capsys):
         chosen = moa[moa["budget"] == budget]["val_ppl"].idxmin()
         assert f"budget {budget}: selected {chosen} " in summary
     assert f"make ui RUN_DIR={run_dir}" in summary
+    adapters = pd.read_csv(run_dir / "adapters" / "results.csv")
+    for row in adapters[adapters["kind"] != "trial"].itertuples():  # the Pareto set and every baseline
+        assert f"{row.name:<16} {row.kind:<8} {row.accuracy:.3f} [{row.acc_lo:.3f}, {row.acc_hi:.3f}]" in summary
 
 
 def test_candidate_runs_carry_their_validation_perplexity(full_run):

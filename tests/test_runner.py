@@ -265,14 +265,18 @@ def test_two_threads_log_into_two_runs(tmp_path):
 
 
 def test_logging_code_is_not_result_code(monkeypatch):
-    """Editing how runs are logged redoes nothing; editing model loading redoes every stage that runs the model."""
+    """Editing how runs are logged redoes nothing; editing model loading redoes every stage that runs the model;
+    editing a library redoes only the stages that use it."""
     import pipeline.code_digest as code_digest
 
     stages = registered()
     cfg = compose(["model=tiny"])
-    before = {name: stage_hash(cfg, name, stages) for name in ("calibrate", "benchmark")}
+    before = {name: stage_hash(cfg, name, stages) for name in ("calibrate", "benchmark", "adapters")}
     real = code_digest._source
-    for module, changes in (("pipeline.tracking", set()), ("pipeline.models", {"calibrate"})):
+    for module, changes in (("pipeline.tracking", set()), ("pipeline.models", {"calibrate", "adapters"}),
+                            # the adapter library redoes the adapter search only, though settings import from it
+                            ("pipeline.adapters.experts", {"adapters"}),
+                            ("pipeline.settings", {"calibrate", "adapters"})):
         monkeypatch.setattr(code_digest, "_source", lambda m, edited=module: real(m) + (b"#" if m == edited else b""))
         code_digest.source_digest.cache_clear()
         try:

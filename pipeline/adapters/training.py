@@ -7,7 +7,9 @@ expected to be frozen by the caller.
 
 Each step's batch is drawn from a seeded generator (a fresh permutation of the examples per epoch), sorted by
 length and cut into micro-batches of similar length, each right-padded with an attention mask; their gradients
-are accumulated, so the step's gradient is that of the whole batch without padding most of it. The LM head is
+are accumulated, so the step's gradient is that of the whole batch without padding most of it. With a sparse
+plan applied (``model.moa_plan``) micro-batches hold examples of one length only: the sparse runtime refuses
+padding, and its spans depend on the sequence length, which padding would change. The LM head is
 applied only at the positions that predict response tokens (:func:`response_loss`), which saves most of its cost
 on a large vocabulary; the loss is the mean cross-entropy over all response tokens of the batch.
 """
@@ -94,15 +96,15 @@ def _causal_lm(model):
     return inner
 
 
-def _pad(batch: Sequence[EncodedExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``, both ``[B, T]``."""
+def _pad(batch: Sequence[EncodedExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-padded ``input_ids`` ``[B, T]`` and its ``attention_mask`` ``[B, T]``, or ``None`` for no padding."""
     width = max(len(e) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, example in enumerate(batch):
         ids[row, :len(example)] = torch.tensor(example.input_ids)
         mask[row, :len(example)] = 1
-    return ids.to(device), mask.to(device)
+    return ids.to(device), (mask.to(device) if not bool(mask.all()) else None)
 
 
 def response_loss(model, batch: Sequence[EncodedExample], *, pad_id: int = 0) -> tuple[torch.Tensor, int]:
@@ -126,14 +128,16 @@ def response_loss(model, batch: Sequence[EncodedExample], *, pad_id: int = 0) ->
     return loss, len(targets)
 
 
-def micro_batches(batch: Sequence[EncodedExample]) -> list[list[EncodedExample]]:
-    """``batch`` sorted by length and cut where lengths grow past ``MICRO_BATCH_SLACK`` or the token cap."""
+def micro_batches(batch: Sequence[EncodedExample], *, exact: bool = False) -> list[list[EncodedExample]]:
+    """``batch`` sorted by length and cut where lengths grow past ``MICRO_BATCH_SLACK`` or the token cap; with
+    ``exact``, cut wherever the length changes, so no micro-batch is padded."""
     chunks: list[list[EncodedExample]] = []
     for example in sorted(batch, key=len):
         if chunks:
             chunk = chunks[-1]
             shortest = len(chunk[0])
-            if len(example) <= MICRO_BATCH_SLACK * shortest + 8 and len(example) * (len(chunk) + 1) <= MICRO_BATCH_TOKENS:
+            similar = len(example) == shortest if exact else len(example) <= MICRO_BATCH_SLACK * shortest + 8
+            if similar and len(example) * (len(chunk) + 1) <= MICRO_BATCH_TOKENS:
                 chunk.append(example)
                 continue
         chunks.append([example])
@@ -176,6 +180,7 @@ def train(model, encoded: Sequence[EncodedExample], params: Sequence[torch.nn.Pa
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
     order = _epochs(len(encoded), torch.Generator().manual_seed(seed))
+    unpadded = getattr(model, "moa_plan", None) is not None  # the sparse runtime refuses padding
     result = TrainResult(steps=0)
     durations: list[float] = []
     bar = tqdm(total=steps, desc="train", position=position, leave=leave, dynamic_ncols=True,
@@ -186,7 +191,7 @@ def train(model, encoded: Sequence[EncodedExample], params: Sequence[torch.nn.Pa
         for step in range(1, steps + 1):
             step_started = time.perf_counter()
             batch = [encoded[next(order)] for _ in range(batch_size)]
-            chunks = micro_batches(batch)
+            chunks = micro_batches(batch, exact=unpadded)
             tokens = sum(len(e.response_ids) for e in batch)
             optimizer.zero_grad(set_to_none=True)
             total = 0.0

@@ -23,6 +23,8 @@ from pipeline.adapters.training import encode, train
 from pipeline.evaluation.scoring import wilson_interval
 from pipeline.sparse_runtime import plan_applied
 
+EVAL_BATCH = 16  # greedy decoding batches prompts of equal token length, up to this many
+
 
 @dataclass(frozen=True)
 class TaskData:
@@ -84,7 +86,7 @@ def score(model, tokenizer, examples: list, settings) -> Score:
     model.eval()
     try:
         correct, n, responses = accuracy(model, tokenizer, examples, max_new_tokens=settings.max_new_tokens,
-                                         batch_size=settings.batch_size)
+                                         batch_size=EVAL_BATCH)
     finally:
         model.train(was_training)
     from pipeline.adapters.tasks import is_correct
