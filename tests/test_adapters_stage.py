@@ -174,6 +174,14 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on(adapters_run):
     assert "nan" in trials[1].user_attrs["failure"].lower()
     frame = pd.read_csv(run_dir / "adapters" / "results.csv")
     assert "trial_1" not in set(frame["name"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("moa-autotune-adapters")
+    pruned = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "trial_1"]
+    assert [r.info.status for r in pruned] == ["FINISHED"] and pruned[0].data.tags["state"] == "pruned"
+    later = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "trial_2"]
+    assert pruned[0].info.end_time <= later[0].info.start_time  # its end time is when it stopped
 
 
 def _cli(run_dir: Path, *overrides: str) -> subprocess.Popen:

@@ -311,11 +311,12 @@ def _mark_pareto(runs: Tracker, study, pareto: set[int]) -> None:
             continue
         runs.client.set_tag(run_id, "pareto", str(trial.number in pareto).lower())
         runs.client.set_tag(run_id, "state", trial.state.name.lower())
-        status = runs.client.get_run(run_id).info.status
-        if trial.state == optuna.trial.TrialState.FAIL and status == "RUNNING":
+        info = runs.client.get_run(run_id).info
+        if trial.state == optuna.trial.TrialState.FAIL and info.status == "RUNNING":
             runs.client.set_terminated(run_id, status="KILLED")  # its worker died mid-trial
-        elif trial.state == optuna.trial.TrialState.PRUNED and status == "FAILED":
-            runs.client.set_terminated(run_id, status="FINISHED")  # stopped by the pruner, not broken
+        elif trial.state == optuna.trial.TrialState.PRUNED and info.status == "FAILED":
+            # stopped by the pruner, not broken; it keeps the end time it had
+            runs.client.set_terminated(run_id, status="FINISHED", end_time=info.end_time)
 
 
 def _summary(frame: pd.DataFrame) -> dict[str, float]:
