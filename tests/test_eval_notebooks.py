@@ -410,7 +410,7 @@ def test_compare_takes_a_run_id_a_method_at_budget_or_a_plan_file(synthetic, tmp
 # ---------------------------------------------------------------------------------------------------------------
 # a mistyped run directory
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [FRONT, COMPARE])
+@pytest.mark.parametrize("name", [FRONT, COMPARE, "adapter_search.ipynb"])
 def test_a_run_dir_without_a_store_is_a_clear_error_and_creates_none(name, tmp_path):
     from papermill.exceptions import PapermillExecutionError
 
