@@ -126,8 +126,7 @@ class LayerAdapters(nn.Module):
         for spec in specs:
             if spec.kind == "lora":
                 experts.append(nn.ModuleDict({
-                    t: LoRAExpert(_linear(_parent(layer, t), projection_name(t)).in_features,
-                                  _linear(_parent(layer, t), projection_name(t)).out_features,
+                    t: LoRAExpert(target_linear(layer, t).in_features, target_linear(layer, t).out_features,
                                   spec.size, spec.alpha, spec.dropout)
                     for t in spec.targets
                 }))
@@ -350,9 +349,14 @@ def _linear(parent: nn.Module, name: str) -> nn.Linear:
     return getattr(module, "base_layer", module)
 
 
+def target_linear(layer: nn.Module, target: str) -> nn.Linear:
+    """The base ``nn.Linear`` a target (``"q"``, ..., ``"down"``) names in a decoder layer, adapted or not."""
+    return _linear(_parent(layer, target), projection_name(target))
+
+
 def _ia3_features(layer: nn.Module, target: str) -> int:
     """(IA)^3 scales ``k``/``v`` outputs and the ``down_proj`` input."""
-    linear = _linear(_parent(layer, target), projection_name(target))
+    linear = target_linear(layer, target)
     return linear.in_features if target == "down" else linear.out_features
 
 

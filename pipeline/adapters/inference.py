@@ -16,22 +16,16 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.adapters.tasks import AdapterExample, is_correct
-from pipeline.calibration.builder import chat_ids
+from pipeline.adapters.training import im_end_id
+from pipeline.calibration.builder import chat_ids, end_token_ids
 from pipeline.sparse_runtime import generate as sparse_generate
 
 
 def end_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the tokenizer's eos, ``<|im_end|>`` and the generation config's eos."""
-    ids: set[int] = set()
-    candidates = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        candidates.append(im_end)
-    for candidate in candidates:
-        if isinstance(candidate, int):
-            ids.add(candidate)
-        elif candidate:
-            ids.update(int(c) for c in candidate)
+    """Token ids that end an answer: the tokenizer's and the generation config's eos, and ``<|im_end|>``."""
+    ids = end_token_ids(model, tokenizer)
+    if im_end_id(tokenizer) is not None:
+        ids.add(im_end_id(tokenizer))
     if not ids:
         raise ValueError("the tokenizer and the model define no end-of-sequence token")
     return sorted(ids)

@@ -26,6 +26,8 @@ computed over every token of that forward (padding included: routers do not see 
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,8 +50,9 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class Router(nn.Module):
-    """Base class: ``forward(x [B, T, hidden]) -> w [B, T, E]`` (fp32); remembers the last weights."""
+class Router(nn.Module, abc.ABC):
+    """Base class: ``forward(x [B, T, hidden]) -> w [B, T, E]`` (fp32); remembers the last weights. Subclasses
+    define :meth:`weights`."""
 
     def __init__(self, spec: RouterSpec, hidden: int, num_experts: int):
         super().__init__()
@@ -61,8 +64,9 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, hidden) -> (B, T, E), fp32
         return self.head(x.to(_dtype_of(self.head))).float()
 
+    @abc.abstractmethod
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The per-token expert weights ``[B, T, E]`` of ``x`` ``[B, T, hidden]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights(x)

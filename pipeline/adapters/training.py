@@ -66,10 +66,16 @@ class TrainResult:
     total_seconds: float = 0.0
 
 
+def im_end_id(tokenizer) -> int | None:
+    """The ChatML ``<|im_end|>`` token's id, or ``None`` where the vocabulary lacks it."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else None
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an assistant turn: ``<|im_end|>`` where the vocabulary has it, else the eos token."""
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+    im_end = im_end_id(tokenizer)
+    if im_end is not None:
         return im_end
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither <|im_end|> nor an eos token")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pipeline.adapters import attach_adapters, detach_adapters
 from pipeline.adapters.attach import adapters_detached
 from pipeline.adapters.inference import accuracy, generation_latency_ms
-from pipeline.adapters.tasks import make_examples
+from pipeline.adapters.tasks import is_correct, make_examples
 from pipeline.adapters.training import encode, train
 from pipeline.evaluation.scoring import wilson_interval
 from pipeline.sparse_runtime import plan_applied
@@ -89,8 +89,6 @@ def score(model, tokenizer, examples: list, settings) -> Score:
                                          batch_size=EVAL_BATCH)
     finally:
         model.train(was_training)
-    from pipeline.adapters.tasks import is_correct
-
     per_task: dict[str, list[bool]] = {}
     for example, response in zip(examples, responses, strict=True):
         per_task.setdefault(example.task, []).append(is_correct(response, example.answer))

@@ -100,11 +100,7 @@ def suggest(trial, space: SearchSpace, num_layers: int) -> tuple[Composition, fl
         choices = space.experts[kind]
         size = _pick(trial, f"{kind}_size", choices.sizes)
         targets = _pick(trial, f"{kind}_targets", [",".join(t) for t in choices.targets]).split(",")
-        targets = tuple(t for t in targets if t)
-        if kind == "lora":
-            experts.append(ExpertSpec("lora", size=size, alpha=choices.alpha_ratio * size, targets=targets))
-        else:
-            experts.append(ExpertSpec(kind, size=size, targets=targets))
+        experts.append(_expert(kind, size, tuple(t for t in targets if t), choices))
     first, last = _pick(trial, "layers", [f"{a}-{b}" for a, b in space.layers]).split("-")
     layers = layer_range(float(first), float(last), num_layers)
     kind = _pick(trial, "router", list(space.router_kinds))
@@ -128,14 +124,20 @@ def every_choice(space: SearchSpace, num_layers: int) -> list[Composition]:
     compositions = []
     for kind, choices in space.experts.items():
         for size, targets in itertools.product(choices.sizes, choices.targets):
-            alpha = choices.alpha_ratio * size
-            compositions.append(Composition(experts=(ExpertSpec(kind, size=size, alpha=alpha, targets=targets),),
+            compositions.append(Composition(experts=(_expert(kind, size, targets, choices),),
                                             router=RouterSpec(kind="none")))
     first = compositions[0].experts
     for a, b in space.layers:
         compositions.append(Composition(experts=first, router=RouterSpec(kind="none"),
                                         layers=layer_range(a, b, num_layers)))
     return compositions
+
+
+def _expert(kind: str, size: int, targets: tuple[str, ...], choices: ExpertChoices) -> ExpertSpec:
+    """One expert of a sampled choice; a LoRA's alpha is ``alpha_ratio`` times its rank."""
+    if kind == "lora":
+        return ExpertSpec("lora", size=size, alpha=choices.alpha_ratio * size, targets=targets)
+    return ExpertSpec(kind, size=size, targets=targets)
 
 
 def _pick(trial, name: str, choices):

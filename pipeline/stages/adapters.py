@@ -35,6 +35,7 @@ from pipeline.adapters import (
     save_adapters,
     validate_composition,
 )
+from pipeline.adapters.attach import decoder_layers, target_linear
 from pipeline.adapters.training import TrainingDiverged
 from pipeline.errors import UserError
 from pipeline.plan import load_plan
@@ -280,16 +281,9 @@ def _matched_rank(settings, model, params: float) -> int:
 
 
 def _lora_params_per_rank(settings, model) -> int:
-    from pipeline.adapters.attach import decoder_layers
-    from pipeline.adapters.composition import projection_name
-
-    total = 0
-    for layer in decoder_layers(model):
-        for target in settings.lora_targets:
-            parent = layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp
-            linear = getattr(parent, projection_name(target))
-            total += linear.in_features + linear.out_features
-    return total
+    """A rank-1 LoRA's parameters on every target of every layer: ``in + out`` per projection."""
+    return sum(target_linear(layer, t).in_features + target_linear(layer, t).out_features
+               for layer in decoder_layers(model) for t in settings.lora_targets)
 
 
 def _with_plan(harness: _Harness, plan, best) -> list[dict]:
@@ -298,8 +292,8 @@ def _with_plan(harness: _Harness, plan, best) -> list[dict]:
     if best is not None:
         composition = composition_from_dict(best.user_attrs["composition"])
         name = f"trial_{best.number}+plan"
-        rows.append({**harness.cached(name, lambda: harness.measure(name, "pareto", composition,
-                                                                   lr=best.params["lr"], plan=plan))})
+        rows.append(harness.cached(name, lambda: harness.measure(name, "pareto", composition, lr=best.params["lr"],
+                                                                plan=plan)))
     return rows
 
 
