@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/smollm2
 
-.PHONY: setup run test test-compat test-slow test-all ui dashboard lint clean notebooks
+.PHONY: setup run test test-compat test-slow test-all ui server dashboard lint clean notebooks
 
 setup: $(STAMP)
 
@@ -52,9 +52,25 @@ ui: setup
 		--backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db \
 		--default-artifact-root $(RUN_DIR)/mlartifacts
 
+# A shared MLflow tracking server on the loopback, on PostgreSQL (scripts/postgres.sh, as root), with artifacts
+# uploaded and downloaded through the server (mlflow-artifacts:/) into $(RUN_DIR)/mlartifacts-server.
+# Point runs at it with the tracking.uri it prints. The store's URL, password included, goes through the
+# environment rather than the command line.
+MLFLOW_PORT ?= 5001
+MLFLOW_WORKERS ?= 2
+
+server: setup
+	bash scripts/postgres.sh start
+	@echo "tracking.uri=http://127.0.0.1:$(MLFLOW_PORT)"
+	MLFLOW_BACKEND_STORE_URI="$$(bash scripts/postgres.sh url)/moa_mlflow" $(VENV)/bin/mlflow server \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+		--serve-artifacts --artifacts-destination $(abspath $(RUN_DIR))/mlartifacts-server
+
 # Watch the adapter-composition study (stage=adapters) live: trials, Pareto front, parameter importances.
+# OPTUNA_STORAGE="$$(bash scripts/postgres.sh url)/moa_optuna" watches a study shared by many workers.
+OPTUNA_STORAGE ?= sqlite:///$(abspath $(RUN_DIR))/optuna.db
 dashboard: setup
-	$(VENV)/bin/optuna-dashboard sqlite:///$(abspath $(RUN_DIR))/optuna.db --host 127.0.0.1 --port 8080
+	$(VENV)/bin/optuna-dashboard "$(OPTUNA_STORAGE)" --host 127.0.0.1 --port 8080
 
 # Execute the notebooks against one run directory; the executed copies go beside it, in <run dir>/notebooks/.
 # fronts.ipynb reads MOA_RUN_DIR; the other two take papermill parameters. A run directory without its MLflow

@@ -11,6 +11,11 @@ A stage is up to date when its completion marker ``<run_dir>/<stage>/.done.json`
 A marker is only ever replaced by a newer one, never deleted first: a stage that fails before touching its
 outputs leaves the previous result valid. The parent MLflow run is opened only when some stage actually runs,
 so a no-op rerun adds nothing to MLflow.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) only ``stage=profile`` runs, its ranks sharing the samples (see
+:mod:`pipeline.stages.profile`). Rank 0 takes the skip-or-run decision for every rank, holds the stage lock, clears
+stale resume state, and alone opens MLflow runs, prints and writes the marker, after a barrier that every rank
+reaches when done.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import io
+from pipeline import distributed, io
 from pipeline.artifacts import ArtifactError
 from pipeline.code_digest import source_digest
 from pipeline.context import StageContext
 from pipeline.errors import UserError
+from pipeline.locks import stage_lock
+from pipeline.services import check_services
 from pipeline.settings import check_all
 from pipeline.stages.registry import STAGE_ORDER, Stage, registered
 from pipeline.tracking import Tracker, git_commit, package_versions
@@ -78,10 +85,23 @@ def stage_hash(cfg: DictConfig, name: str, stages: dict[str, Stage]) -> str:
         "seed": cfg.seed,
         "device": resolved_device(cfg) if spec.device_bound else None,
         "code": code_version(spec),
-        "sections": {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys},
+        "sections": _sections(cfg, spec),
         "inputs": {req: stage_hash(cfg, req, stages) for req in spec.inputs(cfg) if req in stages},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _sections(cfg: DictConfig, spec: Stage) -> dict:
+    """The stage's config sections, less its ``hash_excludes`` keys."""
+    sections = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
+    for dotted in spec.hash_excludes:
+        *parents, leaf = dotted.split(".")
+        node = sections
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return sections
 
 
 def outputs_digest(run_dir: Path, spec: Stage) -> str | None:
@@ -162,6 +182,8 @@ class _Session:
         self.model_cache: dict = {}
 
     def parent_run(self):
+        if self.parent is None and not distributed.is_primary():
+            self.tracker, self.parent = distributed.NullTracker(), distributed.NullRunLogger()
         if self.parent is None:
             self.tracker = Tracker.from_cfg(self.cfg.tracking, self.run_dir)
             self.parent = self.stack.enter_context(self.tracker.run(
@@ -176,18 +198,25 @@ class _Session:
 def run_pipeline(cfg: DictConfig) -> dict[str, str]:
     """Run ``cfg.stage`` (one stage or ``all``). Returns ``{stage: ran|skipped|unavailable}``."""
     selection = stages_for(str(cfg.stage))
+    if distributed.world_size() > 1 and selection != ["profile"]:
+        raise UserError("only stage=profile runs under torchrun; run the other stages in one process")
     stages = registered()
+    check_services(cfg, selection)  # a tracking server or database that is down stops the run before any work
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         session = _Session(cfg, run_dir, stack)
+        stack.enter_context(distributed.process_group(resolved_device(cfg) != "cpu",
+                                                      session.settings.profile.collective_timeout_s))
         for name in selection:
             if name not in stages:
                 print(f"[{name}] not yet available in this version: skipped", flush=True)
                 outcome[name] = "unavailable"
                 continue
             outcome[name] = _run_stage(cfg, stages, name, session)
+        if not distributed.is_primary():  # rank 0 reports for the torchrun job
+            return outcome
         if session.parent is not None:
             session.parent.set_tags({"outcome": json.dumps(outcome)})
             if session.model_cache.get("loaded") is not None:
@@ -205,22 +234,53 @@ def run_pipeline(cfg: DictConfig) -> dict[str, str]:
 def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _Session) -> str:
     spec, run_dir = stages[name], session.run_dir
     config_hash = stage_hash(cfg, name, stages)
+    if spec.worker_when is not None and spec.worker_when(cfg):
+        print(f"[{name}] worker (config {config_hash}): adds to the shared store only; the stage's own run "
+              f"writes the results", flush=True)
+        _execute(cfg, spec, config_hash, session, run_name=f"{name} (worker)", tags={"worker": "true"})
+        return "worker"
     for req in spec.inputs(cfg):
         if req in stages and not is_done(run_dir, stages[req], stage_hash(cfg, req, stages)):
             hint = f", or {spec.requires_when_hint}" if req not in spec.requires and spec.requires_when_hint else ""
             raise UserError(f"stage {name} needs the artifacts of stage {req} for this config: run stage={req} first"
                             f"{hint}")
     force = bool(cfg.force)
-    if not force and is_done(run_dir, spec, config_hash):
-        print(f"[{name}] up to date (config {config_hash}): skipped; use force=true to redo", flush=True)
+    say = print if distributed.is_primary() else (lambda *args, **kwargs: None)
+    if distributed.broadcast(not force and is_done(run_dir, spec, config_hash)):  # rank 0 decides for all ranks
+        say(f"[{name}] up to date (config {config_hash}): skipped; use force=true to redo", flush=True)
         return "skipped"
-    _clear_stale_partials(run_dir, spec, config_hash, force)
-    print(f"[{name}] running (config {config_hash})", flush=True)
+    lock = stage_lock(run_dir, name, wait=session.settings.run.lock_wait) if distributed.is_primary() \
+        else contextlib.nullcontext()
+    with lock:
+        # finished by the invocation this one waited for
+        if distributed.broadcast(not force and is_done(run_dir, spec, config_hash)):
+            say(f"[{name}] up to date (config {config_hash}), finished elsewhere: skipped", flush=True)
+            return "skipped"
+        if distributed.is_primary():
+            _clear_stale_partials(run_dir, spec, config_hash, force)
+        distributed.barrier()  # no rank writes resume state before the stale state is gone
+        say(f"[{name}] running (config {config_hash})", flush=True)
+        summary, seconds, run_id = _execute(cfg, spec, config_hash, session, run_name=name, tags={})
+        loaded = session.model_cache.get("loaded")
+        info = loaded.info.as_dict() if loaded is not None else None
+        distributed.barrier()  # every rank finished: only then does rank 0 vouch for the outputs
+        if distributed.is_primary():
+            write_marker(run_dir, spec, config_hash, stages, requires=spec.inputs(cfg), seconds=round(seconds, 3),
+                         model=info, summary=summary, mlflow_run_id=run_id)
+    say(f"[{name}] done in {seconds:.1f} s", flush=True)
+    return "ran"
+
+
+def _execute(cfg: DictConfig, spec: Stage, config_hash: str, session: _Session, *, run_name: str,
+             tags: dict[str, str]) -> tuple[dict, float, str]:
+    """Run stage ``spec`` in its own MLflow run; returns its summary, wall seconds and run id."""
     parent = session.parent_run()
-    with session.tracker.run(name, parent=parent, tags={"stage": name, "config_hash": config_hash}) as run:
+    tags = {"stage": spec.name, "config_hash": config_hash, **tags}
+    with session.tracker.run(run_name, parent=parent, tags=tags) as run:
         run.log_params({key: json.dumps(OmegaConf.to_container(cfg[key], resolve=True)) for key in spec.config_keys})
-        ctx = StageContext(cfg=cfg, name=name, run_dir=run_dir, config_hash=config_hash, tracker=session.tracker,
-                           run=run, settings=session.settings, force=force, _model_cache=session.model_cache)
+        ctx = StageContext(cfg=cfg, name=spec.name, run_dir=session.run_dir, config_hash=config_hash,
+                           tracker=session.tracker, run=run, settings=session.settings, force=bool(cfg.force),
+                           _model_cache=session.model_cache)
         started = time.perf_counter()
         try:
             summary = spec.fn(ctx) or {}
@@ -229,10 +289,6 @@ def _run_stage(cfg: DictConfig, stages: dict[str, Stage], name: str, session: _S
         seconds = time.perf_counter() - started
         run.log_metrics({"stage_seconds": seconds})
         loaded = session.model_cache.get("loaded")
-        info = loaded.info.as_dict() if loaded is not None else None
-        if info:
-            run.set_tags({"model_fingerprint": info["fingerprint"]})
-        write_marker(run_dir, spec, config_hash, stages, requires=spec.inputs(cfg), seconds=round(seconds, 3),
-                     model=info, summary=summary, mlflow_run_id=run.run_id)
-    print(f"[{name}] done in {seconds:.1f} s", flush=True)
-    return "ran"
+        if loaded is not None:
+            run.set_tags({"model_fingerprint": loaded.info.as_dict()["fingerprint"]})
+    return summary, seconds, run.run_id

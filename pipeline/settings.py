@@ -189,6 +189,8 @@ class RunSettings:
     stage: str
     run_dir: Path
     force: bool
+    lock_wait: bool
+    """A stage running elsewhere on the same run directory: wait for it (true) or stop at once (false)."""
     seed: int
     device: str
 
@@ -200,6 +202,7 @@ class RunSettings:
             stage=_choice("stage", cfg.get("stage"), (*STAGE_ORDER, "all")),
             run_dir=_directory("run_dir", cfg.get("run_dir"), False),
             force=_bool("force", cfg.get("force")),
+            lock_wait=_bool("lock_wait", cfg.get("lock_wait", False)),
             seed=_int("seed", cfg.get("seed"), 0),
             device=_choice("device", cfg.get("device"), DEVICES),
         )
@@ -340,6 +343,8 @@ class ProfileSettings:
     checkpoint_every: int
     dtype: str
     long_range: float
+    collective_timeout_s: float
+    """Under torchrun: how long a collective waits for the other ranks before the job fails."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ProfileSettings:
@@ -358,6 +363,8 @@ class ProfileSettings:
             checkpoint_every=_int("profile.checkpoint_every", read("checkpoint_every"), 1),
             dtype=_choice("profile.dtype", read("dtype"), PROFILE_DTYPES),
             long_range=_fraction("profile.long_range", read("long_range")),
+            collective_timeout_s=_number("profile.collective_timeout_s", read("collective_timeout_s"),
+                                         lambda x: x > 0, "a number of seconds > 0"),
         )
 
     @property
@@ -652,6 +659,8 @@ class OptunaSettings:
     """``None``: ``sqlite:///<run_dir>/optuna.db``."""
     study_name: str
     heartbeat_s: int
+    worker: bool
+    """Only add trials to the (shared) study, and leave the baselines and results to the stage's own run."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptunaSettings:
@@ -672,6 +681,7 @@ class OptunaSettings:
             storage=storage,
             study_name=_text("adapters.optuna.study_name", read("study_name")),
             heartbeat_s=_int("adapters.optuna.heartbeat_s", read("heartbeat_s"), 1),
+            worker=_bool("adapters.optuna.worker", read("worker", False)),
         )
 
 

@@ -81,15 +81,19 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = (run_dir.resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-            # The UI opens a "custom model development" experiment on its runs table rather than GenAI traces.
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"})
+        # Several processes on one run directory (Optuna workers) would race to create the SQLite schema and the
+        # experiment: the first to take the lock does it, the others find it made.
+        with _sqlite_init_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+            else:
+                location = (run_dir.resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+                # The UI opens a "custom model development" experiment on its runs table rather than GenAI traces.
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location,
+                    tags={"mlflow.experimentKind": "custom_model_development"})
 
     @classmethod
     def from_cfg(cls, tracking_cfg, run_dir: Path) -> Tracker:
@@ -118,6 +122,15 @@ class Tracker:
             raise
         finally:
             self.client.set_terminated(logger.run_id, status=status)
+
+
+def _sqlite_init_lock(uri: str):
+    """A file lock beside a ``sqlite:///`` store (a no-op for any other store)."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///") + ".init.lock")
 
 
 def git_commit() -> str:

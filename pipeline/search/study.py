@@ -2,8 +2,12 @@
 
 - **Storage** is an RDB (``sqlite:///<run_dir>/optuna.db`` by default, or PostgreSQL for many workers) with
   heartbeats: a trial whose worker died is failed once its heartbeat is two intervals old, and
-  ``RetryHeartbeatStaleTrialCallback`` enqueues it again once, with the same parameters. Finished trials are never
-  redone: a rerun loads the study (``load_if_exists``) and runs only what is missing.
+  ``RetryHeartbeatStaleTrialCallback`` (Optuna's ``RetryFailedTrialCallback`` under its current name) enqueues
+  it again once, with the same parameters. Finished trials are never redone: a rerun loads the study
+  (``load_if_exists``) and runs only what is missing.
+- **Many workers** share one study: each asks for a new trial only while the finished, running and waiting
+  trials fall short of the target (:func:`needs_trial`), and a trial asked in the same instant by two workers is
+  recognised by its number (:func:`is_surplus`) and failed before any work, so the target is met exactly.
 - **Sampler**, pinned explicitly with its seed: TPE (multi-objective, ``n_startup_trials`` random trials
   first) or NSGA-II.
 - **Objectives**: maximise validation accuracy, minimise trainable parameters.
@@ -71,6 +75,26 @@ def open_study(storage: RDBStorage, name: str, sampler) -> optuna.Study:
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Completed and pruned trials: those that count towards the requested number."""
     return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def needs_trial(study: optuna.Study, target: int) -> bool:
+    """Whether this worker should run a trial now: a retry is waiting, or the finished and running trials (of
+    every worker) fall short of ``target``."""
+    return count(study, TrialState.WAITING) > 0 or count(study, *FINISHED, TrialState.RUNNING) < target
+
+
+def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
+    """Whether trial ``number`` goes past ``target``: ``target`` live trials (finished, running or waiting) have
+    smaller numbers. Failed trials do not count; their retries do."""
+    live = study.get_trials(deepcopy=False, states=(*FINISHED, *ACTIVE))
+    return sum(t.number < number for t in live) >= target
 
 
 def pareto_numbers(study: optuna.Study) -> set[int]:

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import time
 
 import optuna
 import pandas as pd
@@ -44,7 +47,9 @@ from pipeline.search.space import every_choice, suggest
 from pipeline.search.study import (
     MedianPruning,
     finished_trials,
+    is_surplus,
     make_sampler,
+    needs_trial,
     open_storage,
     open_study,
     pareto_numbers,
@@ -56,28 +61,39 @@ from pipeline.tracking import Tracker
 COLUMNS = ("name", "kind", "composition", "trainable_params", "accuracy", "acc_lo", "acc_hi", "val_accuracy",
            "train_s", "latency_overhead")
 RESULT = "result"  # the trial's user attribute holding its results.csv row
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _needs_plan(cfg) -> tuple[str, ...]:
     return ("validate",) if cfg.adapters.get("plan") == "selected" else ()
 
 
+def _is_worker(cfg) -> bool:
+    return bool(cfg.adapters.get("optuna", {}).get("worker", False))
+
+
 @stage("adapters", config_keys=("adapters",), outputs=("adapters/",), requires_when=_needs_plan,
-       requires_when_hint="set adapters.plan=null to search without the sparse plan")
+       requires_when_hint="set adapters.plan=null to search without the sparse plan",
+       worker_when=_is_worker, hash_excludes=("adapters.optuna.worker",))
 def run_adapters(ctx):
     """Optuna search of adapter compositions, against the frozen base, single LoRA and MoE-LoRA."""
     settings = ctx.settings.adapters
+    worker = settings.optuna.worker
     loaded = ctx.load_model()
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
-    plan = _plan(ctx, settings, info)  # refuses a plan made for other weights before any training
+    plan = None if worker else _plan(ctx, settings, info)  # refuses a plan made for other weights before training
     _check_compositions(settings, model, info.num_layers)
     data = fitting.task_data(tokenizer, settings)
     runs = Tracker(ctx.tracker.uri, f"{ctx.settings.tracking.experiment}-adapters", ctx.run_dir)
     harness = _Harness(ctx, model, tokenizer, data, runs)
 
-    base = harness.cached("base", lambda: harness.measure("base", "baseline", None))
+    base = None if worker else harness.cached("base", lambda: harness.measure("base", "baseline", None))
     study, storage = _study(ctx, settings)
     _search(ctx, harness, study, storage, base)
+    if worker:  # the invocation that runs the stage itself scores the baselines and writes the results
+        mine = [t.number for t in finished_trials(study) if t.user_attrs.get("worker") == WORKER_ID]
+        print(f"worker {WORKER_ID}: finished trials {mine} of study {study.study_name}", flush=True)
+        return {"worker": WORKER_ID, "trials": mine}
     pareto = pareto_numbers(study)
     trials = finished_trials(study)
     rows = [{**t.user_attrs[RESULT], "kind": "pareto" if t.number in pareto else "trial"}
@@ -200,7 +216,7 @@ def _study(ctx, settings):
     except ValueError as err:
         raise UserError(str(err)) from None
     name = f"{opt.study_name}-{ctx.config_hash}"  # another config is another study
-    if ctx.force:
+    if ctx.force and not opt.worker:  # a worker joins the shared study; only the stage's own run may reset it
         for existing in (name, f"{name}:pruning"):
             try:
                 optuna.delete_study(study_name=existing, storage=storage)
@@ -209,8 +225,14 @@ def _study(ctx, settings):
     return open_study(storage, name, make_sampler(opt.sampler, opt.sampler_seed, opt.startup_trials)), storage
 
 
+class SurplusTrial(Exception):
+    """A trial asked in the same instant as another worker's, past the study's target: failed before any work."""
+
+
 def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
-    """Run trials until ``adapters.optuna.trials`` have finished (completed or pruned)."""
+    """Run trials until ``adapters.optuna.trials`` have finished (completed or pruned) in the study, counting the
+    trials of every worker on the same storage. While the rest are running elsewhere this invocation waits, failing
+    the trials of dead workers (their retries are then run here)."""
     settings = harness.settings
     opt = settings.optuna
     pruning = MedianPruning(storage, study.study_name, enabled=opt.pruner == "median",
@@ -218,9 +240,13 @@ def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
     num_layers = ctx.load_model().info.num_layers
 
     def objective(trial: optuna.Trial):
+        if is_surplus(study, trial.number, opt.trials):
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is past the target of {opt.trials}")
         composition, lr = suggest(trial, settings.search_space, num_layers)
         validate_composition(composition, harness.model)
         trial.set_user_attr("composition", composition.to_dict())
+        trial.set_user_attr("worker", WORKER_ID)
         try:
             row = harness.measure(f"trial_{trial.number}", "trial", composition, lr=lr, trial=trial, pruning=pruning)
         except optuna.TrialPruned:
@@ -234,15 +260,23 @@ def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
         trial.set_user_attr(RESULT, row)
         return row["val_accuracy"], row["trainable_params"]
 
-    done = len(finished_trials(study))
-    bar = ctx.progress(total=opt.trials, initial=min(done, opt.trials), desc="adapter trials")
+    bar = ctx.progress(total=opt.trials, initial=min(len(finished_trials(study)), opt.trials), desc="adapter trials")
+    waiting_said = False
     while len(finished_trials(study)) < opt.trials:
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+        if needs_trial(study, opt.trials):
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+        else:
+            if not waiting_said:
+                print(f"study {study.study_name}: the remaining trials are running in other workers; waiting",
+                      flush=True)
+                waiting_said = True
+            time.sleep(opt.heartbeat_s)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails here and is retried once
         bar.n = min(len(finished_trials(study)), opt.trials)
         bar.refresh()
     bar.close()
-    print(f"study {study.study_name}: {len(finished_trials(study))} trials finished, base validation accuracy "
-          f"{base['val_accuracy']:.3f}", flush=True)
+    base_note = "" if base is None else f", base validation accuracy {base['val_accuracy']:.3f}"
+    print(f"study {study.study_name}: {len(finished_trials(study))} trials finished{base_note}", flush=True)
 
 
 def _most_accurate(trials) -> optuna.trial.FrozenTrial | None:

@@ -7,6 +7,11 @@ elapsed time go to ``profile/.partial/<config hash>/partial_<N>.safetensors``, a
 exists for the same model fingerprint, block size, granularity, dtype and calibration file (SHA-256) is
 skipped. Samples longer than the model's positions, or whose loss mask
 selects no token, are skipped with a warning and counted (metric ``skipped_samples``).
+
+Under ``torchrun --nproc_per_node=K`` rank ``r`` profiles the samples ``s`` with ``s % K == r`` and keeps its own
+partial file (``partial_<N>.rank<r>of<K>.safetensors``, so runs with another world size never mix). After a
+length's local loop the float64 sums and the counts are summed over the ranks (seconds and memory: the maximum
+over ranks), and rank 0 alone writes the influence file, the heat-map, ``summary.json`` and the MLflow metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, save_tensors, write_json
 from pipeline.profile.figures import long_range_heatmap
@@ -36,17 +42,19 @@ log = logging.getLogger(__name__)
 
 
 @stage("profile", requires=("calibrate",), config_keys=("sparse", "calibration", "profile"),
-       outputs=("profile/",))
+       outputs=("profile/",), hash_excludes=("profile.collective_timeout_s",))
 def run_profile(ctx):
     """Profile per-head attention influence at every profile length."""
     settings = ctx.settings.profile
     loaded = ctx.load_model()
     ctx.log_params({"block_size": settings.block_size, "granularity": settings.granularity,
                     "profile_lengths": list(settings.lengths), "profile_dtype": settings.dtype})
-    if ctx.force:
+    if ctx.force and distributed.is_primary():
         for path in ctx.stage_dir.glob("influence_*.safetensors"):
             path.unlink()
     results = {str(n): profile_length(ctx, loaded, n, settings) for n in settings.lengths}
+    if not distributed.is_primary():
+        return {}
     skipped = sum(r["skipped_samples"] for r in results.values())
     ctx.log_metrics({"skipped_samples": skipped})
     summary = {"model": loaded.info.name, "fingerprint": loaded.info.fingerprint, "block_size": settings.block_size,
@@ -55,8 +63,9 @@ def run_profile(ctx):
     return {"lengths": list(settings.lengths), "skipped_samples": skipped}
 
 
-def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict:
-    """Average influence at length ``n``, resuming from a partial file; returns this length's summary."""
+def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | None:
+    """Average influence at length ``n``, resuming from a partial file; returns this length's summary (on rank 0;
+    None on the other ranks)."""
     info = loaded.info
     source = ctx.artifacts.calibration(n)
     samples = ctx.artifacts.load_calibration(n)
@@ -65,50 +74,64 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict:
                 "granularity": settings.granularity, "length": str(n), "dtype": settings.dtype,
                 "calibration_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     done = _metadata(target)
-    if done is not None and _matches(done, expected):
+    if distributed.broadcast(done is not None and _matches(done, expected)):  # rank 0 decides for every rank
         log.info("profile: %s is up to date, skipping length %d", target, n)
-        return _length_summary(ctx, load_file(target)["influence"], done, n, settings)
+        return _length_summary(ctx, load_file(target)["influence"], done, n, settings) if distributed.is_primary() \
+            else None
 
     count = samples["input_ids"].shape[0]
+    rank, world = distributed.rank(), distributed.world_size()
     heads = info.num_kv_heads if settings.granularity == "kv_head" else info.num_heads
     nb = math.ceil(n / settings.block_size)
     # The runner clears .partial/<other config hashes> (and all of it on force=true).
-    partial_path = ctx.partial_dir / f"partial_{n}.safetensors"
-    state = _load_partial(partial_path, expected) or {
+    shard = {**expected, "rank": str(rank), "world_size": str(world)}
+    partial_path = ctx.partial_dir / (f"partial_{n}.safetensors" if world == 1
+                                      else f"partial_{n}.rank{rank}of{world}.safetensors")
+    state = _load_partial(partial_path, shard) or {
         "total": torch.zeros(info.num_layers, heads, nb, nb, dtype=torch.float64),
-        "next": 0, "used": 0, "skipped": 0, "seconds": 0.0,
+        "next": rank, "used": 0, "skipped": 0, "seconds": 0.0,
     }
 
     model = loaded.model
     device = next(model.parameters()).device
-    bar = ctx.progress(total=count, initial=state["next"], desc=f"profile N={n}")
+    mine = range(rank, count, world)  # this rank's samples; "next" is the first one not yet summed
+    bar = ctx.progress(total=len(mine), initial=len(range(rank, state["next"], world)), desc=f"profile N={n}",
+                       **({} if distributed.is_primary() else {"disable": True}))
     while state["next"] < count:
         start = time.perf_counter()
-        for s in range(state["next"], min(count, state["next"] + settings.checkpoint_every)):
+        for s in range(state["next"], count, world)[: settings.checkpoint_every]:
             influence = _sample_influence(model, samples, s, info.max_positions, settings, device, source)
             if influence is None:
                 state["skipped"] += 1
             else:
                 state["total"][..., : influence.shape[-2], : influence.shape[-1]] += influence.double().cpu()
                 state["used"] += 1
-            state["next"] = s + 1
+            state["next"] = s + world
             bar.update(1)
         state["seconds"] += time.perf_counter() - start
-        _save_partial(partial_path, state, expected)
+        _save_partial(partial_path, state, shard)
     bar.close()
 
-    if state["used"] == 0:
-        raise UserError(f"no usable calibration sample in {source} ({state['skipped']} skipped, see warnings); "
-                        f"re-run stage=calibrate for length {n}")
-    mean = (state["total"] / state["used"]).float()
-    metadata = {**expected, "model": info.name, "samples": str(state["used"]),
-                "skipped_samples": str(state["skipped"]), "seconds": f"{state['seconds']:.3f}",
-                "peak_rss_mb": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}"}
+    total = distributed.all_reduce(state["total"])  # (L, H, nb, nb) float64, summed over ranks
+    used, skipped = distributed.all_reduce(torch.tensor([state["used"], state["skipped"]])).tolist()
+    peaks = [state["seconds"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
     if torch.cuda.is_available():
-        metadata["cuda_max_memory_mb"] = f"{torch.cuda.max_memory_allocated() / 2**20:.1f}"
-    save_tensors(target, {"influence": mean}, metadata=metadata)
-    partial_path.unlink()
-    return _length_summary(ctx, mean, metadata, n, settings)
+        peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+    peaks = distributed.all_reduce(torch.tensor(peaks, dtype=torch.float64), op="max").tolist()
+    if used == 0:
+        raise UserError(f"no usable calibration sample in {source} ({skipped} skipped, see warnings); "
+                        f"re-run stage=calibrate for length {n}")
+    mean = metadata = None
+    if distributed.is_primary():
+        mean = (total / used).float()
+        metadata = {**expected, "model": info.name, "samples": str(used), "skipped_samples": str(skipped),
+                    "seconds": f"{peaks[0]:.3f}", "peak_rss_mb": f"{peaks[1]:.1f}", "world_size": str(world)}
+        if len(peaks) > 2:
+            metadata["cuda_max_memory_mb"] = f"{peaks[2]:.1f}"
+        save_tensors(target, {"influence": mean}, metadata=metadata)
+    distributed.barrier()  # the influence file is written before any rank drops its partial sums
+    partial_path.unlink(missing_ok=True)
+    return _length_summary(ctx, mean, metadata, n, settings) if distributed.is_primary() else None
 
 
 def _sample_influence(model, samples: dict, s: int, max_positions: int, settings: ProfileSettings, device,
@@ -138,6 +161,7 @@ def _length_summary(ctx, influence: torch.Tensor, metadata: dict[str, str], n: i
     layers = layer_summaries(influence, settings.block_size, min_distance)
     summary = {"samples": int(metadata["samples"]), "skipped_samples": int(metadata["skipped_samples"]),
                "seconds": float(metadata["seconds"]), "peak_rss_mb": float(metadata["peak_rss_mb"]),
+               "world_size": int(metadata.get("world_size", 1)),
                "long_range_share": fractions.tolist(), "influence_mass": influence.sum((-1, -2)).tolist(),
                "layers": layers}
     metrics = {f"profile_seconds@{n}": summary["seconds"], f"samples@{n}": summary["samples"],
@@ -172,7 +196,8 @@ def _load_partial(path: Path, expected: dict[str, str]) -> dict | None:
     metadata = _metadata(path)
     if metadata is None or not _matches(metadata, expected):
         return None
-    log.info("profile: resuming from %s at sample %s", path, metadata["next"])
+    print(f"[profile] resuming from {path.name}: {metadata['used']} samples done, next is {metadata['next']}",
+          flush=True)
     return {"total": load_file(path)["total"], "next": int(metadata["next"]), "used": int(metadata["used"]),
             "skipped": int(metadata["skipped"]), "seconds": float(metadata["seconds"])}
 

@@ -32,6 +32,11 @@ class Stage:
     ``adapters.plan=selected``). They count like ``requires`` for that config."""
     requires_when_hint: str = ""
     """How to run without the config-dependent inputs, shown when they are missing."""
+    worker_when: Callable | None = None
+    """``fn(cfg) -> bool``: this invocation only adds work to a store shared with other invocations (an Optuna
+    study's worker). The runner then runs the stage without its lock, input check or completion marker."""
+    hash_excludes: tuple[str, ...] = ()
+    """Dotted config keys of ``config_keys`` sections left out of the stage's hash (a worker switch)."""
     module: str = ""
     """The module defining the stage: its source (and its project imports) is part of the hash."""
     doc: str = field(default="")
@@ -45,7 +50,8 @@ _REGISTRY: dict[str, Stage] = {}
 
 
 def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: bool = True,
-          device_bound: bool | None = None, requires_when: Callable | None = None, requires_when_hint: str = ""):
+          device_bound: bool | None = None, requires_when: Callable | None = None, requires_when_hint: str = "",
+          worker_when: Callable | None = None, hash_excludes: tuple[str, ...] = ()):
     """Decorator registering ``fn`` as the implementation of stage ``name``."""
     if name not in STAGE_ORDER:
         raise ValueError(f"unknown stage name {name!r}")
@@ -57,6 +63,8 @@ def stage(name: str, *, requires=(), config_keys=(), outputs=(), uses_model: boo
             requires=tuple(requires),
             requires_when=requires_when,
             requires_when_hint=requires_when_hint,
+            worker_when=worker_when,
+            hash_excludes=tuple(hash_excludes),
             config_keys=tuple(config_keys),
             outputs=tuple(outputs),
             uses_model=uses_model,
