@@ -70,7 +70,8 @@ server: setup
 # OPTUNA_STORAGE="$$(bash scripts/postgres.sh url)/moa_optuna" watches a study shared by many workers.
 OPTUNA_STORAGE ?= sqlite:///$(abspath $(RUN_DIR))/optuna.db
 dashboard: setup
-	$(VENV)/bin/optuna-dashboard "$(OPTUNA_STORAGE)" --host 127.0.0.1 --port 8080
+	@echo "optuna-dashboard on http://127.0.0.1:8080 (storage $$(echo '$(OPTUNA_STORAGE)' | sed -E 's#(://[^:/@]+:)[^@]*@#\1***@#'))"
+	@$(VENV)/bin/optuna-dashboard "$(OPTUNA_STORAGE)" --host 127.0.0.1 --port 8080
 
 # Execute the notebooks against one run directory; the executed copies go beside it, in <run dir>/notebooks/.
 # fronts.ipynb reads MOA_RUN_DIR; the other two take papermill parameters. A run directory without its MLflow
