@@ -6,10 +6,13 @@ Layout (the contract a fused kernel over the packed buffer should match): ``k_pa
 ``q`` reads KV head ``q // (Hq / Hkv)``. An optional ``keep`` mask ``[Hq, T]`` narrows what each query head sees;
 the cache needs it only when query heads of one GQA group have different spans.
 
-This implementation calls :func:`kernels.moa_decode_attention` (``backend`` is one of its decode backends):
-once on a ``[B, Hkv, C, D]`` view when every head has the same capacity, otherwise once per KV head on that
-head's slots as a one-KV-head cache, so no padding is ever materialised. Valid lengths travel as host tensors,
-so the per-call argument checks never synchronise with the GPU. With ``keep``, a dense masked matmul in torch.
+Backends. ``triton`` (and ``auto`` on CUDA) runs the split-KV kernel of :mod:`kernels.triton_decode` over the
+packed buffer itself: two launches per layer, no loop over heads, the ``keep`` mask applied inside the kernel.
+Pass ``valid_lengths`` as an int tensor on the cache's device (``PerHeadLayer.lengths``) and nothing
+synchronises with the host, so the step can be captured in a CUDA graph. The other backends (``torch``, the CPU
+path of ``auto``, ``reference``) call :func:`kernels.moa_decode_attention`: once on a ``[B, Hkv, C, D]`` view when
+every head has the same capacity, otherwise once per KV head on that head's slots as a one-KV-head cache, so no
+padding is ever materialised; with ``keep``, a dense masked matmul in torch.
 """
 
 from __future__ import annotations
@@ -24,9 +27,17 @@ def packed_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, v_packed: t
                             backend: str = "auto") -> torch.Tensor:
     """Attention of one new token per sequence over a packed per-head cache.
 
-    q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); offsets: Hkv + 1 ints; valid_lengths: Hkv ints;
+    q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); offsets: Hkv + 1 host ints (static for a layer);
+    valid_lengths: Hkv ints, a list or an int tensor (on q's device for the sync-free Triton path);
     keep: optional (Hq, T) bool. Returns (B, Hq, 1, D) in q's dtype.
     """
+    if backend not in kernels.DECODE_BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; expected one of {kernels.DECODE_BACKENDS}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from kernels.triton_decode import packed_decode_attention_triton
+
+        return packed_decode_attention_triton(q, k_packed, v_packed, offsets, valid_lengths, keep=keep, scale=scale)
+    offsets, valid_lengths = [int(x) for x in offsets], [int(n) for n in valid_lengths]
     hkv = len(valid_lengths)
     group = q.shape[1] // hkv
     capacities = {offsets[h + 1] - offsets[h] for h in range(hkv)}

@@ -89,7 +89,7 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                                     backend=rules.backend, scale=scaling)
     else:
         out = packed_decode_attention(
-            query, cache_layer.keys, cache_layer.values, cache_layer.offsets, cache_layer.valid_lengths(),
+            query, cache_layer.keys, cache_layer.values, cache_layer.offsets, cache_layer.lengths,
             keep=cache_layer.decode_keep(), scale=scaling, backend=_DECODE_BACKEND.get(rules.backend, rules.backend),
         )
     return out.transpose(1, 2).contiguous(), None  # (B, n, Hq, D)

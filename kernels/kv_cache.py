@@ -18,7 +18,9 @@ Memory layout. Each layer owns one packed buffer for keys and one for values, ``
 so allocated memory is the plan's KV density times the dense cache, per head, with no padding. Slots
 ``0 .. sink-1`` of a head hold its sink tokens; slot ``sink + (t - sink) mod S_h`` holds token ``t >= sink``. Since
 every sequence in the batch has the same length, a head's filled slots are always its first
-``min(seen, C_h)``. Decode reads per-head views (:func:`kernels.decode.packed_decode_attention`).
+``min(seen, C_h)``; ``lengths`` holds these counts as a device int32 tensor, updated in place without a host
+sync, for kernels that read them on the device. Decode reads the packed buffers
+(:func:`kernels.decode.packed_decode_attention`).
 
 A layer accepts one prefill (any length up to ``total``) and then one token per step; it raises otherwise.
 """
@@ -58,6 +60,8 @@ class PerHeadLayer(CacheLayerMixin):
         for c in self.capacities:
             self.offsets.append(self.offsets[-1] + c)
         self.starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=self.device)  # (Hkv,)
+        self._capacity = torch.tensor(self.capacities, dtype=torch.int32, device=self.device)  # (Hkv,)
+        self.lengths = torch.zeros(hkv, dtype=torch.int32, device=self.device)  # (Hkv,) valid_lengths() on device
         shape = (self.batch_size, self.offsets[-1], head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=self.device)  # (B, T, D)
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -98,6 +102,7 @@ class PerHeadLayer(CacheLayerMixin):
             self.keys[:, slots] = key_states[:, heads, tokens]
             self.values[:, slots] = value_states[:, heads, tokens]
             self.seen = n
+            torch.clamp(self._capacity, max=self.seen, out=self.lengths)
             return key_states, value_states
         if n != 1:
             raise ValueError("per-head cache takes one prefill, then one token per step")
@@ -105,6 +110,7 @@ class PerHeadLayer(CacheLayerMixin):
         self.keys.index_copy_(1, slots, key_states[:, :, 0])
         self.values.index_copy_(1, slots, value_states[:, :, 0])
         self.seen += 1
+        torch.clamp(self._capacity, max=self.seen, out=self.lengths)
         return self.keys, self.values
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
@@ -159,6 +165,7 @@ class PerHeadLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys.zero_()
         self.values.zero_()
+        self.lengths.zero_()
         self.seen = 0
 
     @property

@@ -1,37 +1,63 @@
-"""Triton decode: one new query token per head against a per-KV-head ragged cache (flash-decoding).
+"""Triton split-KV decode (flash-decoding) over the packed per-head KV cache: one new query token per head.
 
-KV head ``h`` uses cache slots ``[0, valid_lengths[h])``. One program handles all ``GROUP`` query heads of one KV
-head over one split of the cache, so each K/V block is read once for the whole group; the splits' partial
-results are merged with their log-sum-exps. Import only where Triton is installed.
+Layout (the one :mod:`kernels.kv_cache` writes): ``k_packed``/``v_packed`` are ``[B, T, D]``; KV head ``h`` owns
+slots ``offsets[h] .. offsets[h+1] - 1`` and uses the first ``valid_lengths[h]`` of them, in any order; query head
+``q`` reads KV head ``q // group``. An optional ``keep`` mask ``[Hq, T]`` narrows what each query head sees.
+
+Schedule. Each KV head's capacity ``C_h`` is cut into chunks of ``chunk`` slots, and the work items
+``(head, chunk)`` of all heads are laid end to end (head ``h`` owns items ``head_work[h] .. head_work[h+1] - 1``,
+a prefix sum of ``ceil(C_h / chunk)``). Two launches per call, with no loop over heads:
+
+- ``_chunk_kernel``, grid ``(W, B)``: one program per (work item, batch row) loads the group's query heads once
+  (padded to ``BLOCK_G >= 16`` rows for ``tl.dot``), streams its chunk's valid K/V tiles once for all of them
+  (and the group's ``keep`` tile, if any), and writes an fp32 normalised partial output and its log2-sum-exp.
+- ``_merge_kernel``, grid ``(Hkv, B)``: one program per (KV head, batch row) merges that head's partials with
+  weights ``2^(lse_c - lse)``; a head with no kept slot gets zeros.
+
+``chunk`` is a host-side choice from the static capacities and the batch (:func:`chunk_size`): the largest power
+of two, at least ``MIN_CHUNK``, that still gives at least two programs per SM. So the grid is fixed for a layer
+across decode steps, and the autotune key (``chunk``, head_dim, group) never sees a length. Valid lengths, offsets
+and the mask are device tensors read by the kernels, so a step needs no host synchronisation and, after one
+warm-up call (which compiles, autotunes and caches the schedule tables), can be captured in a CUDA graph.
+Import only where Triton is installed.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from itertools import pairwise
 
 import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MIN_CHUNK = 64
+INTERPRET_CHUNK = 32  # small, so tests on CPU run several chunks per head and several tiles per chunk
+_LOG2E = 1.4426950408889634
 _CONFIGS = (
     [triton.Config({"BLOCK_N": 16})]
     if INTERPRET
-    else [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in [(32, 4), (64, 4), (128, 4), (64, 8)]]
+    else [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+          for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]]
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["split_size", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_CONFIGS, key=["chunk", "HEAD_DIM", "GROUP", "HAS_KEEP"])
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scale_log2, split_size,
-                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                   num_kv, num_splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // num_kv
-    kv = pid_bh % num_kv
-    length = tl.load(lens_ptr + kv)
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, offsets_ptr, lens_ptr, work_head_ptr, work_start_ptr,
+                  part_ptr, lse_ptr, scale_log2, chunk, num_work,
+                  stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_mh, stride_mt,
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr):
+    w = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    kv = tl.load(work_head_ptr + w)
+    base = tl.load(offsets_ptr + kv)  # first packed slot of this KV head
+    length = tl.minimum(tl.load(lens_ptr + kv), tl.load(offsets_ptr + kv + 1) - base)
+    start = tl.load(work_start_ptr + w)  # head-local slots [start, stop) are this chunk's
+    stop = tl.minimum(start + chunk, length)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
@@ -40,64 +66,201 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, scale_log2, sp
     d_ok = offs_d < HEAD_DIM
     heads = kv * GROUP + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, D)
-    k_base = k_ptr + b * stride_kb + kv * stride_kh
-    v_base = v_ptr + b * stride_vb + kv * stride_vh
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    k_base = k_ptr + b * stride_kb + base.to(tl.int64) * stride_kt
+    v_base = v_ptr + b * stride_vb + base.to(tl.int64) * stride_vt
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    start = split * split_size
-    stop = tl.minimum(start + split_size, length)
     for n0 in range(start, stop, BLOCK_N):
         slots = n0 + offs_n
         ok = slots < stop
-        kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, D)
+        tile_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
-        s = tl.where(ok[None, :], s, float("-inf"))
+        if HAS_KEEP:
+            kept = tl.load(keep_ptr + heads[:, None] * stride_mh + (base + slots)[None, :] * stride_mt,
+                           mask=g_ok[:, None] & ok[None, :], other=0)
+            s = tl.where(kept != 0, s, float("-inf"))
+        else:
+            s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet stays at zero
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    # Partial result of this split: normalised output and log2-sum-exp (-inf for an empty split).
+    # This chunk's normalised output and log2-sum-exp (-inf when it kept nothing), (B, W, GROUP, D) fp32.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    row = (b * num_kv + kv) * num_splits + split  # (B, Hkv, splits) flattened
-    o_ptrs = o_ptr + (row * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None])
-    tl.store(lse_ptr + row * BLOCK_G + offs_g, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
+    rows = (b * num_work + w) * GROUP + offs_g
+    tl.store(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, lse_ptr, head_work_ptr, o_ptr, num_work, stride_ob, stride_oh,
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    kv = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    first = tl.load(head_work_ptr + kv)
+    last = tl.load(head_work_ptr + kv + 1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GROUP
+    gd_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for w in range(first, last):  # online log-sum-exp over this head's chunks
+        rows = (b * num_work + w) * GROUP + offs_g
+        lse = tl.load(lse_ptr + rows, mask=g_ok, other=float("-inf"))
+        part = tl.load(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=gd_ok, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + part * weight[:, None]
+        total = total * alpha + weight
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # zeros for a head that kept nothing
+    heads = kv * GROUP + offs_g
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=gd_ok)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def chunk_size(capacities, batch: int, device: torch.device | str) -> int:
+    """Slots per chunk for this layer: from the static capacities only, so the grid is fixed across steps.
+
+    Under the interpreter (or off CUDA) a small fixed ``INTERPRET_CHUNK``; on CUDA :func:`chunk_rule` with a
+    target of two programs per SM.
+    """
+    device = torch.device(device)
+    if INTERPRET or device.type != "cuda":
+        return INTERPRET_CHUNK
+    return chunk_rule(capacities, batch, 2 * _sm_count(device))
+
+
+def chunk_rule(capacities, batch: int, target_programs: int) -> int:
+    """The largest power of two ``chunk``, at least ``MIN_CHUNK`` and at most the largest capacity rounded up,
+    with ``batch * sum(ceil(C_h / chunk)) >= target_programs``; ``MIN_CHUNK`` when none reaches the target."""
+    chunk = max(MIN_CHUNK, triton.next_power_of_2(max(capacities, default=1)))
+    while chunk > MIN_CHUNK and batch * sum(triton.cdiv(c, chunk) for c in capacities) < target_programs:
+        chunk //= 2
+    return chunk
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(offsets: tuple[int, ...], chunk: int, device: torch.device):
+    """Device int32 tables for one layer's static layout: offsets ``[Hkv+1]``, each work item's KV head and
+    head-local first slot ``[W]``, and each head's first work item ``[Hkv+1]`` (a prefix sum of chunk counts)."""
+    counts = [triton.cdiv(hi - lo, chunk) for lo, hi in pairwise(offsets)]
+    work_head = [h for h, n in enumerate(counts) for _ in range(n)]
+    work_start = [i * chunk for n in counts for i in range(n)]
+    head_work = [0]
+    for n in counts:
+        head_work.append(head_work[-1] + n)
+
+    def table(xs):
+        return torch.tensor(xs, dtype=torch.int32, device=device)
+
+    return table(offsets), table(work_head), table(work_start), table(head_work)
+
+
+def packed_decode_attention_triton(q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, offsets,
+                                   valid_lengths, *, keep: torch.Tensor | None = None, scale: float | None = None,
+                                   chunk: int | None = None) -> torch.Tensor:
+    """One decode step over the packed per-head cache; see the module docstring for the layout and schedule.
+
+    q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); offsets: Hkv + 1 host ints (static for a layer);
+    valid_lengths: (Hkv,) ints, ideally an int tensor on q's device (then nothing here synchronises; a host list
+    is copied); keep: optional (Hq, T) bool on q's device; chunk: override :func:`chunk_size`.
+    Returns (B, Hq, 1, D) in q's dtype.
+    """
+    offsets = tuple(int(x) for x in offsets)
+    _check(q, k_packed, v_packed, offsets, keep)
+    b, hq, _, d = q.shape
+    hkv = len(offsets) - 1
+    group = hq // hkv
+    capacities = [hi - lo for lo, hi in pairwise(offsets)]
+    if not isinstance(valid_lengths, torch.Tensor) or valid_lengths.device != q.device:
+        lengths = [int(x) for x in valid_lengths]
+        if len(lengths) != hkv or any(not 0 <= x <= c for x, c in zip(lengths, capacities, strict=True)):
+            raise ValueError(f"valid_lengths {lengths} must be {hkv} ints within each head's capacity")
+        valid_lengths = torch.tensor(lengths, dtype=torch.int32).to(q.device)
+    elif valid_lengths.shape != (hkv,) or valid_lengths.is_floating_point():
+        raise ValueError(f"valid_lengths must be an int tensor of shape ({hkv},), got {tuple(valid_lengths.shape)}")
+    lens = valid_lengths if valid_lengths.dtype == torch.int32 else valid_lengths.to(torch.int32)
+
+    chunk = chunk or chunk_size(capacities, b, q.device)
+    offsets_t, work_head, work_start, head_work = _schedule(offsets, int(chunk), q.device)
+    num_work = work_head.numel()
+    q, k_packed, v_packed = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_packed, v_packed))
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)  # (B, Hq, D)
+    if num_work == 0:  # every head has capacity 0
+        return out.zero_().unsqueeze(2)
+    part = torch.empty(b, num_work, group, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, num_work, group, device=q.device, dtype=torch.float32)
+    mask = keep.view(torch.uint8) if keep is not None else lens  # any pointer when there is no mask
+    stride_mh, stride_mt = (mask.stride(0), mask.stride(1)) if keep is not None else (0, 0)
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(d))
+    scale = d**-0.5 if scale is None else float(scale)
+    _chunk_kernel[(num_work, b)](
+        q, k_packed, v_packed, mask, offsets_t, lens, work_head, work_start, part, lse, scale * _LOG2E, int(chunk),
+        num_work, q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), v_packed.stride(0),
+        v_packed.stride(1), stride_mh, stride_mt,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, HAS_KEEP=keep is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    _merge_kernel[(hkv, b)](
+        part, lse, head_work, out, num_work, out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out.unsqueeze(2)  # (B, Hq, 1, D)
+
+
+def _check(q, k_packed, v_packed, offsets, keep) -> None:
+    """Shape and layout checks on host-known metadata only (nothing here reads device memory)."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be (B, Hq, 1, D), got {tuple(q.shape)}")
+    if k_packed.dim() != 3 or k_packed.shape != v_packed.shape:
+        raise ValueError(f"k_packed {tuple(k_packed.shape)} and v_packed {tuple(v_packed.shape)} must be equal (B, T, D)")
+    b, hq, _, d = q.shape
+    if (k_packed.shape[0], k_packed.shape[2]) != (b, d):
+        raise ValueError(f"packed cache {tuple(k_packed.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    if len({q.dtype, k_packed.dtype, v_packed.dtype}) != 1 or len({q.device, k_packed.device, v_packed.device}) != 1:
+        raise ValueError("q and the packed cache must share one dtype and one device")
+    hkv = len(offsets) - 1
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv} (offsets has Hkv + 1 entries)")
+    if offsets[0] < 0 or any(hi < lo for lo, hi in pairwise(offsets)) or offsets[-1] > k_packed.shape[1]:
+        raise ValueError(f"offsets {list(offsets)} must be non-decreasing within [0, {k_packed.shape[1]}]")
+    if keep is not None and (keep.shape != (hq, k_packed.shape[1]) or keep.dtype != torch.bool
+                             or keep.device != q.device):
+        raise ValueError(f"keep must be a bool ({hq}, {k_packed.shape[1]}) tensor on {q.device}")
 
 
 def moa_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 valid_lengths: torch.Tensor, scale: float | None = None,
                                 split_size: int | None = None) -> torch.Tensor:
-    """q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, C, D); valid_lengths: (Hkv,). Returns (B, Hq, 1, D)."""
-    b, hq, _, d = q.shape
-    hkv, cap = k_cache.shape[1], k_cache.shape[2]
-    group = hq // hkv
-    if split_size is None:  # enough programs to fill the GPU for B * Hkv small, without tiny splits
-        split_size = 64 if INTERPRET else max(256, triton.next_power_of_2(triton.cdiv(cap, 32)))
-    splits = triton.cdiv(cap, split_size)
-    block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
-    q = q.contiguous()
-    k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))
-    lens = valid_lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    part = torch.empty(b, hkv, splits, block_g, block_d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b, hkv, splits, block_g, device=q.device, dtype=torch.float32)
-    scale = d**-0.5 if scale is None else float(scale)
-    _decode_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, lens, part, lse, scale * 1.4426950408889634, split_size,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), hkv, splits,
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    # Merge the splits: weights 2^(lse_s - lse_total); an empty cache gives zeros.
-    total = torch.logsumexp(lse * 0.6931471805599453, dim=2, keepdim=True)  # natural-log units
-    weight = torch.exp(lse * 0.6931471805599453 - total).nan_to_num(0.0)  # (B, Hkv, splits, G')
-    out = (part * weight.unsqueeze(-1)).sum(dim=2)  # (B, Hkv, G', D')
-    return out[:, :, :group, :d].reshape(b, hq, 1, d).to(q.dtype)
+    """q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, C, D); valid_lengths: (Hkv,). Returns (B, Hq, 1, D).
+
+    The equal-capacity cache as a packed one (KV head ``h`` at slots ``h * C ..``), through the same kernels;
+    ``split_size`` overrides the chunk size.
+    """
+    b, hkv, cap, d = k_cache.shape
+    k_packed = k_cache.reshape(b, hkv * cap, d)  # a view for a contiguous cache
+    v_packed = v_cache.reshape(b, hkv * cap, d)
+    offsets = [h * cap for h in range(hkv + 1)]
+    return packed_decode_attention_triton(q, k_packed, v_packed, offsets, valid_lengths, scale=scale, chunk=split_size)
