@@ -65,6 +65,10 @@ def test_adapters_run_with_the_selected_plan_beside_dense(full_run):
     assert dense_name == f"trial_{best.number}"
     config = json.loads((run_dir / "adapters" / with_plan[0] / "adapter_config.json").read_text())
     assert config["composition"] == best.user_attrs["composition"]
+    scored = f"{dense_name}@plan"  # the dense-trained adapters themselves, scored under the plan: not retrained
+    assert frame.loc[scored, "trainable_params"] == frame.loc[dense_name, "trainable_params"]
+    assert frame.loc[scored, "train_s"] == 0.0 and frame.loc[scored, "composition"] == frame.loc[dense_name, "composition"]
+    assert not (run_dir / "adapters" / scored).exists()  # nothing saved: the weights are the dense trial's
 
 
 def test_evaluation_covers_every_method_budget_task_and_length(full_run):

@@ -9,7 +9,8 @@
 3. **Baselines**, through the same harness: ``lora`` (one LoRA, at least as many parameters as the most accurate
    Pareto composition) and ``moe_lora`` (homogeneous LoRA experts under a top-k router).
 4. **With the sparse plan** (``adapters.plan``): the base model and the most accurate Pareto composition trained
-   and scored with the plan applied.
+   and scored with the plan applied (``trial_<n>+plan``), and that trial's own adapters, trained on dense
+   attention, scored with the plan (``trial_<n>@plan``).
 
 Writes ``adapters/results.csv`` (``name, kind, composition, trainable_params, accuracy, acc_lo, acc_hi,
 val_accuracy, train_s, latency_overhead``; ``kind`` is ``trial``, ``pareto`` or ``baseline``; ``train_s`` is the
@@ -35,6 +36,7 @@ from pipeline.adapters import (
     RouterSpec,
     composition_from_dict,
     detach_adapters,
+    load_adapters,
     save_adapters,
     validate_composition,
 )
@@ -128,8 +130,11 @@ class _Harness:
         return row
 
     def measure(self, name: str, kind: str, composition: Composition | None, *, lr: float = 0.0, plan=None,
-                trial: optuna.Trial | None = None, pruning: MedianPruning | None = None) -> dict:
-        """Train ``composition`` (``None``: the frozen base) with ``plan`` applied, score it, save it, log it."""
+                trial: optuna.Trial | None = None, pruning: MedianPruning | None = None,
+                trained: str | None = None) -> dict:
+        """Train ``composition`` (``None``: the frozen base) with ``plan`` applied, score it, save it, log it.
+        With ``trained`` (an earlier method's name), its saved adapters are loaded and scored instead: no
+        training, nothing saved."""
         s, model = self.settings, self.model
         tags = {"kind": kind, "run_dir": str(self.ctx.run_dir.resolve()), "plan": "none" if plan is None else "selected",
                 "composition": composition.label() if composition else "base"}
@@ -143,7 +148,12 @@ class _Harness:
             params, train_s, stats = 0, 0.0, {}
             try:
                 with fitting.maybe_plan(model, plan, s.backend):
-                    if composition is not None:
+                    if trained is not None:
+                        adapter_set = load_adapters(model, self.ctx.artifacts.adapter_weights(trained),
+                                                    base_fingerprint=self.ctx.load_model().info.fingerprint)
+                        params = adapter_set.num_trainable()
+                        run.set_tags({"scored_from": trained})
+                    elif composition is not None:
                         adapter_set, result = fitting.fit(model, composition, self.data, s, lr=lr, seed=s.seed,
                                                           on_step=self._on_step(run, trial, pruning))
                         params, train_s = adapter_set.num_trainable(), result.seconds_per_step
@@ -152,7 +162,7 @@ class _Harness:
                     test = fitting.score(model, self.tokenizer, self.data.test, s)
                 overhead = fitting.latency_overhead(model, self.tokenizer, self.data.test, s, plan=plan,
                                                     backend=s.backend)
-                if composition is not None:
+                if composition is not None and trained is None:
                     digest = save_adapters(adapter_set, self.ctx.artifacts.adapter_weights(name),
                                            base_fingerprint=self.ctx.load_model().info.fingerprint)
                     run.set_tags({"adapter_digest": digest})
@@ -325,9 +335,13 @@ def _with_plan(harness: _Harness, plan, best) -> list[dict]:
     rows = [harness.cached("base+plan", lambda: harness.measure("base+plan", "baseline", None, plan=plan))]
     if best is not None:
         composition = composition_from_dict(best.user_attrs["composition"])
-        name = f"trial_{best.number}+plan"
+        dense, name = f"trial_{best.number}", f"trial_{best.number}+plan"
         rows.append(harness.cached(name, lambda: harness.measure(name, "pareto", composition, lr=best.params["lr"],
                                                                 plan=plan)))
+        if harness.ctx.artifacts.adapter_weights(dense).is_dir():  # a trial run by another machine's worker: not here
+            scored = f"{dense}@plan"  # the adapters trained on dense attention, scored under the plan
+            rows.append(harness.cached(scored, lambda: harness.measure(scored, "pareto", composition, plan=plan,
+                                                                      trained=dense)))
     return rows
 
 
