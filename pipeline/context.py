@@ -65,13 +65,14 @@ class StageContext:
         return path
 
     def load_model(self):
-        """The model, tokenizer and :class:`pipeline.models.ModelInfo`, loaded once per invocation."""
+        """The model, tokenizer and :class:`pipeline.models.ModelInfo`, loaded once per invocation onto the run's
+        device (``device=auto|cpu|cuda``; under torchrun with CUDA, this rank's current device)."""
         from pipeline.errors import UserError
         from pipeline.models import load_model
 
         if "loaded" not in self._model_cache:
             try:
-                self._model_cache["loaded"] = load_model(self.cfg.model)
+                self._model_cache["loaded"] = load_model(self.cfg.model, self.settings.run.torch_device())
             except ValueError as err:
                 raise UserError(str(err)) from None
         return self._model_cache["loaded"]

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.settings import DTYPES
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -50,8 +48,12 @@ class LoadedModel:
     info: ModelInfo
 
 
-def load_model(model_cfg) -> LoadedModel:
-    """Load the model that ``model_cfg`` (the ``model`` config section) names, in eval mode."""
+def load_model(model_cfg, device: torch.device | str | None = None) -> LoadedModel:
+    """Load the model that ``model_cfg`` (the ``model`` config section) names, in eval mode, on ``device``.
+
+    ``device`` is where the weights go (the run's :meth:`pipeline.settings.RunSettings.torch_device`); None leaves
+    them on the CPU they are loaded on. The fingerprint does not depend on the device.
+    """
     dtype = _dtype(model_cfg.dtype)
     if model_cfg.get("path"):
         model, tokenizer = _load_local(Path(str(model_cfg.path)), dtype)
@@ -62,7 +64,9 @@ def load_model(model_cfg) -> LoadedModel:
     else:
         raise ValueError(f"model.source: unknown value {model_cfg.source!r} (expected smollm2_gguf, tiny, or set model.path)")
     model.eval()
-    info = describe(model, name=str(model_cfg.name))
+    info = describe(model, name=str(model_cfg.name))  # before the move: the fingerprint reads weights on the host
+    if device is not None:
+        model.to(torch.device(device))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -103,7 +107,7 @@ def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 2048) -> str:
         for name, tensor in model.state_dict().items():
             flat = tensor.detach().reshape(-1)
             stride = max(1, flat.numel() // samples_per_tensor)
-            sample = flat[::stride][:samples_per_tensor].to(torch.float32).contiguous()
+            sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float32).contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -113,6 +117,10 @@ _VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "attn_i
 
 
 def _dtype(name: str) -> torch.dtype:
+    # Imported here, not at the top: pipeline.settings needs OmegaConf, and describe()/attention_shape() (used by
+    # pipeline.plan on the GPU machine, which has no OmegaConf) do not.
+    from pipeline.settings import DTYPES
+
     try:
         return DTYPES[str(name)]
     except KeyError:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from test_kernels_prefill import assert_lowp_close, decode_case, make_qkv
+from kernel_oracles import assert_lowp_close, decode_case, make_qkv
 
 pytest.importorskip("triton")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_prefill import assert_lowp_close, make_qkv
+from kernel_oracles import assert_lowp_close, make_qkv
 
 pytest.importorskip("triton")
 

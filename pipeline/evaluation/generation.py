@@ -37,6 +37,7 @@ def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
     kwargs = {cache_argument(): cache, "use_cache": True, "logits_to_keep": 1}
     started = time.perf_counter()
     out = model(input_ids=torch.tensor([prompt_ids], device=device), **kwargs)  # logits (1, 1, V)
+    _synchronize(device)
     prefill = time.perf_counter() - started
     logits, tokens, decode_seconds = [out.logits[0, -1].float()], [], 0.0
     while True:
@@ -45,6 +46,7 @@ def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
             break
         started = time.perf_counter()
         out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), **kwargs)
+        _synchronize(device)
         decode_seconds += time.perf_counter() - started
         logits.append(out.logits[0, -1].float())
     steps = len(tokens) - 1
@@ -61,6 +63,12 @@ def teacher_forced_logits(model, prompt_ids: list[int], response_ids: list[int])
     ids = torch.tensor([prompt_ids + response_ids[:-1]], device=device)  # (1, P + R - 1)
     out = model(input_ids=ids, use_cache=False, logits_to_keep=len(response_ids))
     return out.logits[0].float().cpu()  # (R, V)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock times cover the kernels and not just their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _new_cache(model, prompt_length: int, max_new_tokens: int):

@@ -115,8 +115,8 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
     total = distributed.all_reduce(state["total"])  # (L, H, nb, nb) float64, summed over ranks
     used, skipped = distributed.all_reduce(torch.tensor([state["used"], state["skipped"]])).tolist()
     peaks = [state["seconds"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
-    if torch.cuda.is_available():
-        peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+    if device.type == "cuda":
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
     peaks = distributed.all_reduce(torch.tensor(peaks, dtype=torch.float64), op="max").tolist()
     if used == 0:
         raise UserError(f"no usable calibration sample in {source} ({skipped} skipped, see warnings); "
