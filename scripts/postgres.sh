@@ -33,7 +33,7 @@ install_if_missing() {
     echo "postgres.sh: installing postgresql from the Debian packages" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     # The package's own attempt to start a cluster may be refused in a container (policy-rc.d); we start it below.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 9>&-
 }
 
 password() {
@@ -48,13 +48,15 @@ running() { pg_ctlcluster "$1" "$CLUSTER" status >/dev/null 2>&1; }
 
 start() {
     [[ $(id -u) == 0 ]] || die "run as root (the cluster is managed with pg_ctlcluster and runs as postgres)"
-    mkdir -p /run/lock && exec 9>/run/lock/moa-autotune-postgres.lock  # one start at a time (parallel test sessions)
-    flock 9
+    # One start at a time (parallel test sessions). Every command that may start a server runs with fd 9 closed,
+    # or the server would inherit the lock and hold it for as long as it runs.
+    mkdir -p /run/lock && exec 9>/run/lock/moa-autotune-postgres.lock
+    flock -w 300 9 || die "another scripts/postgres.sh start has held /run/lock/moa-autotune-postgres.lock for 5 minutes"
     install_if_missing
     local version changed=0
     version=$(newest_version) || die "no PostgreSQL server binaries under /usr/lib/postgresql"
     if ! pg_lsclusters -h "$version" "$CLUSTER" >/dev/null 2>&1; then
-        pg_createcluster "$version" "$CLUSTER" >/dev/null
+        pg_createcluster "$version" "$CLUSTER" >/dev/null 9>&-
     fi
     # Our settings in the cluster's conf.d (Debian's postgresql.conf includes it), rewritten only when they change.
     local dropin="/etc/postgresql/$version/$CLUSTER/conf.d/moa-autotune.conf"
@@ -64,7 +66,7 @@ start() {
         changed=1
     fi
     if ! running "$version"; then
-        pg_ctlcluster "$version" "$CLUSTER" start
+        pg_ctlcluster "$version" "$CLUSTER" start 9>&-
     elif ((changed)); then
         pg_ctlcluster "$version" "$CLUSTER" restart
     fi

@@ -75,3 +75,20 @@ def test_cli_refuses_an_unreachable_tracking_server_before_any_work(tmp_path, cl
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and uri in lines[0], result.stderr
     assert not run_dir.exists() or not any(run_dir.iterdir()), sorted(p.name for p in run_dir.iterdir())
+
+
+@pytest.mark.distributed
+def test_starting_a_running_postgres_again_returns_at_once(postgres_url):
+    """The server must not inherit the start lock: a second start (a developer's, or a parallel test session's)
+    would otherwise wait for the server to exit."""
+    script = REPO / "scripts" / "postgres.sh"
+    result = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    holders = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(str(link.readlink()).endswith("moa-autotune-postgres.lock") for link in fd_dir.iterdir()):
+                holders.append(fd_dir.parent.name)
+        except OSError:
+            continue
+    assert not holders, f"processes still holding the start lock: {holders}"
