@@ -22,7 +22,7 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.evaluation.scoring import wilson_interval
 from pipeline.run import main
-from pipeline.search.space import DEFAULT_SPACE
+from pipeline.search.space import DEFAULT_SPACE, load_space
 from pipeline.stages.adapters import COLUMNS
 from tests.pipeline_helpers import run_stage
 
@@ -78,6 +78,14 @@ def test_results_have_every_trial_and_baseline(adapters_run):
     assert set(frame.loc[frame["kind"] == "pareto", "name"]) == brute
     for row in searched.itertuples():
         assert points[row.name] == (row.val_accuracy, row.trainable_params)
+
+
+def test_a_new_study_runs_the_search_spaces_start_trials_first(adapters_run):
+    run_dir, _ = adapters_run
+    start = load_space().start
+    assert start, "the packaged search space starts from at least one known composition"
+    first = sorted(_study(run_dir).trials, key=lambda t: t.number)[: len(start)]
+    assert [t.params for t in first] == [dict(p) for p in start]
 
 
 def test_accuracies_carry_their_wilson_interval(adapters_run):

@@ -91,6 +91,14 @@ def test_layer_range_is_never_empty(first, last, n, expected):
     ({"lr": {"low": 0.01, "high": 0.001}}, "lr"),
     ({"layers": [[0.5, 0.5]]}, "layers"),
     ({"extra": 1}, "unknown keys"),
+    ({"start": {"experts": "lora"}}, "start must be a list"),
+    ({"start": [{"experts": "lora", "lora_size": 8, "lora_targets": "q,v", "layers": "0.0-1.0",
+                 "router": "soft", "router_hidden": 0}]}, r"start\[0\]: .*'lr' is not found"),
+    ({"start": [{"experts": "lora", "lora_size": 12, "lora_targets": "q,v", "layers": "0.0-1.0",
+                 "router": "soft", "router_hidden": 0, "lr": 0.004}]}, r"start\[0\]: '12' not in"),
+    ({"start": [{"experts": "lora", "lora_size": 8, "lora_targets": "q,v", "layers": "0.0-1.0",
+                 "router": "soft", "router_hidden": 0, "lr": 0.004, "prompt_size": 4}]},
+     r"start\[0\]: parameters \['prompt_size'\] are not asked for"),
 ])
 def test_bad_search_spaces_are_refused_in_one_line(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -14,12 +14,14 @@ samples, define-by-run:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from pipeline.adapters.composition import (
@@ -58,6 +60,9 @@ class SearchSpace:
     router_hidden: tuple[int, ...]
     threshold_cap: NumberRange
     lr: NumberRange
+    start: tuple[dict[str, Any], ...] = ()
+    """Trials enqueued before any sampling (Optuna's ``enqueue_trial``), as the parameters :func:`suggest` asks
+    for: known-good compositions the search starts from."""
 
     @property
     def expert_subsets(self) -> tuple[str, ...]:
@@ -76,11 +81,11 @@ def load_space(path: str | Path | None = None) -> SearchSpace:
     where = f"search space {path}"
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping with experts, layers, router and lr")
-    unknown = set(raw) - {"experts", "layers", "router", "lr"}
+    unknown = set(raw) - {"experts", "layers", "router", "lr", "start"}
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (expected experts, layers, router, lr)")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (expected experts, layers, router, lr, start)")
     router = _mapping(raw.get("router"), f"{where}: router")
-    return SearchSpace(
+    space = SearchSpace(
         experts=_experts(raw.get("experts"), where),
         layers=_layers(raw.get("layers"), where),
         router_kinds=_choices(router.get("kind"), f"{where}: router.kind", lambda k: k in SEARCHED_ROUTERS,
@@ -90,6 +95,27 @@ def load_space(path: str | Path | None = None) -> SearchSpace:
                              lambda x: 0 < x <= 1, "in (0, 1]"),
         lr=_range(raw.get("lr"), f"{where}: lr", lambda x: 0 < x < 1, "in (0, 1)"),
     )
+    return dataclasses.replace(space, start=_start(raw.get("start"), space, where))
+
+
+def _start(raw: Any, space: SearchSpace, where: str) -> tuple[dict[str, Any], ...]:
+    """The ``start`` trials, each checked by running :func:`suggest` on it as a fixed trial: every parameter it
+    asks for must be given, within its choices, and nothing else."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+        raise ValueError(f"{where}: start must be a list of mappings of trial parameters")
+    for i, params in enumerate(raw):
+        trial = optuna.trial.FixedTrial(params)
+        try:
+            suggest(trial, space, num_layers=1)
+        except ValueError as err:
+            raise ValueError(f"{where}: start[{i}]: {err}") from None
+        extra = set(params) - set(trial.params)
+        if extra:
+            raise ValueError(f"{where}: start[{i}]: parameters {sorted(extra)} are not asked for by this "
+                             f"composition (it asks for {sorted(trial.params)})")
+    return tuple(raw)
 
 
 def suggest(trial, space: SearchSpace, num_layers: int) -> tuple[Composition, float]:

@@ -232,7 +232,11 @@ def _study(ctx, settings):
                 optuna.delete_study(study_name=existing, storage=storage)
             except KeyError:
                 pass
-    return open_study(storage, name, make_sampler(opt.sampler, opt.sampler_seed, opt.startup_trials)), storage
+    study = open_study(storage, name, make_sampler(opt.sampler, opt.sampler_seed, opt.startup_trials))
+    if not study.get_trials(deepcopy=False):  # a new study starts from the search space's known-good trials
+        for params in settings.search_space.start:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study, storage
 
 
 class SurplusTrial(Exception):
