@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -43,9 +45,10 @@ def open_storage(url: str, heartbeat_s: int) -> RDBStorage:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                          engine_kwargs=_engine_kwargs(url))
+        with _quiet_experimental():
+            return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                              engine_kwargs=_engine_kwargs(url))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"optuna storage {hide_password(url)}: cannot open it ({reason})") from None
@@ -57,10 +60,20 @@ def _engine_kwargs(url: str) -> dict:
     return {}
 
 
+@contextlib.contextmanager
+def _quiet_experimental():
+    """Optuna's heartbeats, retry callback and grouped TPE are marked experimental: chosen on purpose here, so
+    their warnings would only be noise in every run's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def make_sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True,
-                                          group=True, constant_liar=True)
+        with _quiet_experimental():
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, multivariate=True,
+                                              group=True, constant_liar=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, startup_trials))
     raise ValueError(f"unknown sampler {kind!r} (expected tpe or nsga2)")
