@@ -99,16 +99,29 @@ def spans_kv_density(query_spans: torch.Tensor, kv_heads: int, sink: int, n: int
     return sum(kv_density(n, int(s), sink) for s in group_max) / kv_heads
 
 
-def masked_rows_reference(q, k, v, spans, sink, rows: torch.Tensor) -> torch.Tensor:
-    """Dense masked attention in float32 for query ``rows`` only: (B, Hq, R, D). The error oracle."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)  # (B, Hq, N, D)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = q[:, :, rows].float() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, Hq, R, N)
-    i = rows.view(1, -1, 1).to(q.device)
-    j = torch.arange(q.shape[2], device=q.device).view(1, 1, -1)
-    keep = (j <= i) & ((j < sink) | (i - j < spans.to(q.device).view(-1, 1, 1)))  # (Hq, R, N)
-    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+def masked_rows_reference(q, k, v, spans, sink, rows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                          q_offset: int = 0) -> torch.Tensor:
+    """Dense masked attention for query ``rows`` only (at positions ``rows + q_offset``): the error oracle.
+
+    The matmuls run in ``dtype`` and the softmax in float32, one KV head at a time over keys ``0 .. the last
+    position``, so nothing is copied per query head. q: (B, Hq, M, D); k, v: (B, Hkv, N, D); spans: (Hq,).
+    Returns (B, Hq, R, D) float32."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    group = hq // hkv
+    positions = rows.to(q.device) + q_offset
+    stop = int(positions.max()) + 1
+    i = positions.view(1, -1, 1)
+    j = torch.arange(stop, device=q.device).view(1, 1, -1)
+    spans = spans.to(q.device)
+    out = torch.empty(q.shape[0], hq, rows.numel(), d, dtype=torch.float32, device=q.device)
+    for h in range(hkv):
+        heads = slice(h * group, (h + 1) * group)
+        keys = k[:, h:h + 1, :stop].to(dtype)  # (B, 1, stop, D)
+        scores = q[:, heads][:, :, rows.to(q.device)].to(dtype) @ keys.transpose(-1, -2)  # (B, G, R, stop)
+        keep = (j <= i) & ((j < sink) | (i - j < spans[heads].view(-1, 1, 1)))  # (G, R, stop)
+        probs = torch.softmax(scores.float().mul_(d**-0.5).masked_fill_(~keep, float("-inf")), dim=-1)
+        out[:, heads] = (probs.to(dtype) @ v[:, h:h + 1, :stop].to(dtype)).float()
+    return out
 
 
 def _prefill_fn(backend: str, q, k, v, spans, sink) -> Callable[[], torch.Tensor]:

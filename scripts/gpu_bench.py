@@ -191,30 +191,6 @@ def synchronize(device) -> None:
 # ---- references -----------------------------------------------------------------------------------------------
 
 
-def reference_rows(q, k, v, spans, sink: int, rows, dtype, q_offset: int = 0):
-    """Masked attention of query ``rows`` (positions ``rows + q_offset``) computed in ``dtype`` (softmax in float32),
-    one KV head at a time, over keys ``0 .. max position``: ``(B, Hq, R, D)`` float32.
-
-    q: (B, Hq, M, D); k, v: (B, Hkv, N, D); spans: (Hq,)."""
-    import torch
-
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
-    group = hq // hkv
-    positions = rows.to(q.device) + q_offset
-    stop = int(positions.max()) + 1
-    i = positions.view(1, -1, 1)
-    j = torch.arange(stop, device=q.device).view(1, 1, -1)
-    spans = spans.to(q.device)
-    out = torch.empty(q.shape[0], hq, rows.numel(), d, dtype=torch.float32, device=q.device)
-    for h in range(hkv):
-        heads = slice(h * group, (h + 1) * group)
-        scores = q[:, heads][:, :, rows].to(dtype) @ k[:, h:h + 1, :stop].to(dtype).transpose(-1, -2)  # (B, G, R, stop)
-        keep = (j <= i) & ((j < sink) | (i - j < spans[heads].view(-1, 1, 1)))  # (G, R, stop)
-        probs = torch.softmax(scores.float().mul_(d**-0.5).masked_fill_(~keep, float("-inf")), dim=-1)
-        out[:, heads] = (probs.to(dtype) @ v[:, h:h + 1, :stop].to(dtype)).float()
-    return out
-
-
 def errors(out_rows, ref32, ref_lowp) -> dict:
     err = (out_rows.float() - ref32).abs().max().item()
     lowp = (ref_lowp - ref32).abs().max().item()
@@ -336,7 +312,9 @@ def _references(q, k, v, spans, sink: int, rows, dtype, q_offset: int = 0) -> tu
     """The float32 reference of ``rows`` and the same computed in ``dtype`` (see :func:`errors`)."""
     import torch
 
-    return tuple(reference_rows(q, k, v, spans, sink, rows, t, q_offset) for t in (torch.float32, dtype))
+    from kernels.bench import masked_rows_reference
+
+    return tuple(masked_rows_reference(q, k, v, spans, sink, rows, t, q_offset) for t in (torch.float32, dtype))
 
 
 def _measure(row: dict, fn, refs: tuple, rows, device, timing: dict, flush=None) -> float:
