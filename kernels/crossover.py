@@ -63,8 +63,10 @@ from kernels.pattern import kept_pairs
 ENV_MODE = "MOA_CROSSOVER"
 MODES = ("auto", "sparse", "dense", "off")
 CACHE_FILE = "crossover.json"
-CACHE_VERSION = 2
-GRID_LENGTHS = (512, 1024, 2048, 4096, 8192)
+CACHE_VERSION = 3
+"""Bumped when measuring changes; entries of another version are measured again (version 3: every length has a
+warm-up round, and a loss settles only after two rounds, like a win)."""
+GRID_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 """Lengths searched for each density's crossover (then the midpoint where it flips); dense below the first."""
 GRID_DENSITIES = (0.25, 0.5, 0.75)
 """Attention densities measured; a call denser than the last is dense without measuring."""
@@ -475,9 +477,8 @@ def _measure_length(shape: Shape, n: int, units, sparse: Callable, gen, sync, ti
     """The points of one length: the sparse kernel at each unit (density, layout) against dense masked with the
     same layout (its masks: the middle density's), interleaved.
 
-    One untimed round below 2048 tokens (first-call costs; beyond, the median over rounds absorbs them), then up to
-    5 timed rounds up to 1024 tokens and 3 beyond; a unit whose result is already decisive (:data:`DECISIVE`) is
-    not timed again."""
+    One untimed round (first-call costs), then up to 5 timed rounds up to 1024 tokens and 3 beyond; a unit whose
+    result is already decisive (:data:`DECISIVE`) is not timed again."""
     q = torch.randn(1, shape.heads, n, shape.head_dim, generator=gen).to(shape.device, shape.dtype)
     k, v = (torch.randn(1, shape.kv_heads, n, shape.head_dim, generator=gen).to(shape.device, shape.dtype)
             for _ in range(2))
@@ -500,14 +501,14 @@ def _measure_length(shape: Shape, n: int, units, sparse: Callable, gen, sync, ti
 
 
 def _schedule(n: int) -> tuple[int, int]:
-    """(untimed rounds, timed rounds) at length ``n``."""
-    return (1 if n < 2048 else 0), (5 if n <= 1024 else 3)
+    """(untimed rounds, timed rounds) at length ``n``: one untimed round everywhere, since a first call pays for
+    one-time work (the fused op's check, chunk plans and masks for new spans) that a run pays only once."""
+    return 1, (5 if n <= 1024 else 3)
 
 
 DECISIVE = 2.5
-"""A point is settled early, and not timed again: lost once the sparse kernel has been this many times slower in
-every round so far (one round is enough: a wrong loss only costs speed), won once it has been this many times
-faster in each of two rounds."""
+"""A point is settled early, and not timed again, once the sparse kernel has been this many times slower (lost) or
+faster (won) than dense in each of at least two rounds: one round, on a busy machine, can mislead either way."""
 
 
 def _interleaved(fns: dict, warmup: int, rounds: int, sync, timer) -> dict[object, list[float]]:
@@ -533,7 +534,7 @@ def _interleaved(fns: dict, warmup: int, rounds: int, sync, timer) -> dict[objec
 
 def _settled(dense: list[float], other: list[float]) -> bool:
     ratios = [a / b for a, b in zip(dense, other, strict=False)]
-    return all(r < 1 / DECISIVE for r in ratios) or (len(ratios) >= 2 and all(r > DECISIVE for r in ratios))
+    return len(ratios) >= 2 and (all(r < 1 / DECISIVE for r in ratios) or all(r > DECISIVE for r in ratios))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,13 +9,16 @@ the cache needs it only when query heads of one GQA group have different spans.
 Backends. ``triton`` (and ``auto`` on CUDA) runs the split-KV kernel of :mod:`kernels.triton_decode` over the
 packed buffer itself: two launches per layer, no loop over heads, the ``keep`` mask applied inside the kernel.
 Pass ``valid_lengths`` as an int tensor on the cache's device (``PerHeadLayer.lengths``) and nothing
-synchronises with the host, so the step can be captured in a CUDA graph. The other backends (``torch``, the CPU
-path of ``auto``, ``reference``) call :func:`kernels.moa_decode_attention`: once on a ``[B, Hkv, C, D]`` view when
-every head has the same capacity, otherwise once per KV head on that head's slots as a one-KV-head cache, so no
-padding is ever materialised; with ``keep``, a dense masked matmul in torch.
+synchronises with the host, so the step can be captured in a CUDA graph. ``torch`` (and ``auto`` elsewhere) scores
+the whole packed buffer in one matmul per layer under a mask of each query head's own valid slots
+(:func:`packed_decode_attention_torch`). ``reference``, the oracle, calls :func:`kernels.moa_decode_attention`
+once per KV head on that head's slots as a one-KV-head cache (once on a ``[B, Hkv, C, D]`` view when every head has
+the same capacity); with ``keep``, a dense masked matmul per KV head.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -37,6 +40,8 @@ def packed_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, v_packed: t
         from kernels.triton_decode import packed_decode_attention_triton
 
         return packed_decode_attention_triton(q, k_packed, v_packed, offsets, valid_lengths, keep=keep, scale=scale)
+    if backend in ("torch", "auto"):
+        return packed_decode_attention_torch(q, k_packed, v_packed, offsets, valid_lengths, keep=keep, scale=scale)
     offsets, valid_lengths = [int(x) for x in offsets], [int(n) for n in valid_lengths]
     hkv = len(valid_lengths)
     group = q.shape[1] // hkv
@@ -56,6 +61,40 @@ def packed_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, v_packed: t
         else:
             outs.append(masked_decode_attention(q[:, heads], k, v, keep[heads, lo:lo + n], scale=scale))
     return torch.cat(outs, dim=1)  # (B, Hq, 1, D)
+
+
+def packed_decode_attention_torch(q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, offsets,
+                                  valid_lengths, *, keep: torch.Tensor | None = None,
+                                  scale: float | None = None) -> torch.Tensor:
+    """The packed decode step in three torch calls, whatever the heads' capacities: every query head scores every
+    slot of the buffer, and a mask keeps its own KV head's valid slots (and ``keep``).
+
+    Decode is memory-bound: one matmul reads each cached key once for all query heads, where a loop over KV heads
+    pays a handful of small calls per head. The extra scores (other heads' slots) cost ``Hq * T`` multiply-adds of
+    size ``D``, nothing next to reading the buffer. Same arguments and result as :func:`packed_decode_attention`.
+    """
+    b, hq, _, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    slot_head, slot_local, own = _slot_index(tuple(int(x) for x in offsets), hq, q.device)  # (T,), (T,), (Hq, T)
+    lengths = torch.as_tensor(valid_lengths, device=q.device)  # (Hkv,)
+    visible = own & (slot_local < lengths[slot_head])  # (Hq, T)
+    if keep is not None:
+        visible &= keep
+    scores = torch.bmm(q.reshape(b, hq, d) * scale, k_packed.transpose(1, 2))  # (B, Hq, T)
+    scores = scores if scores.dtype == torch.float32 else scores.float()
+    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
+    return torch.bmm(probs.to(v_packed.dtype), v_packed).view(b, hq, 1, d)  # (B, Hq, 1, D)
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_index(offsets: tuple[int, ...], heads: int, device: torch.device):
+    """For each packed slot: the KV head owning it ``[T]`` and its index among that head's slots ``[T]``; and
+    which slots each query head's KV head owns ``[Hq, T]`` bool."""
+    counts = torch.tensor([hi - lo for lo, hi in zip(offsets, offsets[1:], strict=False)], device=device)
+    head = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    local = torch.arange(offsets[-1], device=device) - torch.tensor(offsets[:-1], device=device)[head]
+    owner = torch.arange(heads, device=device) // (heads // counts.numel())  # (Hq,): each query head's KV head
+    return head, local, owner.view(-1, 1) == head.view(1, -1)
 
 
 def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,

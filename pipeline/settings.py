@@ -60,7 +60,7 @@ SAMPLERS = ("tpe", "nsga2")
 PRUNERS = ("median", "none")
 MIN_LENGTH = 16
 """The shortest calibration, profile or validation length."""
-BENCH_CPU_SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
+BENCH_CPU_SEQ_LENS = (1024, 2048, 4096, 8192)
 BENCH_GPU_SEQ_LENS = (1024, 4096, 16384, 65536, 131072)
 
 

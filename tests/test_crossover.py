@@ -6,6 +6,7 @@ The choice logic is tested on synthetic measurements (injected), never on this m
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -291,6 +292,10 @@ def test_dense_masked_edge_cases(spans, sink, path, monkeypatch):
 # ------------------------------------------------------------------------------------------------- measuring
 
 
+LENGTHS = (512, 1024, 2048, 4096, 8192)
+"""The grid of the search tests below (the search itself does not depend on which grid)."""
+
+
 class FakeLengths:
     """Stands in for ``_measure_length``: the sparse kernel wins from ``first_win[d]`` on; measuring a length
     takes one second per 1024 tokens of a fake clock, spread evenly over its calls."""
@@ -311,7 +316,7 @@ def test_measuring_searches_each_crossover(monkeypatch):
     midpoints of the flips."""
     fake = FakeLengths({0.25: 1024, 0.5: 2048, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    table = Crossover(crossover.measure_points(SHAPE, layouts=("mixed",), timer=lambda: fake.clock, budget_s=100.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, layouts=("mixed",), timer=lambda: fake.clock, budget_s=100.0))
     assert fake.measured == [(2048, (0.25, 0.5, 0.75)), (1024, (0.25, 0.5)), (512, (0.25,)), (4096, (0.75,)),
                              (8192, (0.75,)), (768, (0.25,)), (1536, (0.5,))]
     assert [table.choose(n, 0.5) for n in (1024, 1536, 2048, 16384)] == ["dense", "dense", "sparse", "sparse"]
@@ -324,7 +329,7 @@ def test_measuring_keeps_to_its_budget(monkeypatch):
     that need it fits, and neither midpoint does."""
     fake = FakeLengths({0.25: 1024, 0.5: 4096, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    table = Crossover(crossover.measure_points(SHAPE, layouts=("mixed",), timer=lambda: fake.clock, budget_s=8.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, layouts=("mixed",), timer=lambda: fake.clock, budget_s=8.0))
     assert fake.measured == [(2048, (0.25, 0.5, 0.75)), (1024, (0.25,)), (512, (0.25,)), (4096, (0.5,))]
     assert fake.clock <= 8.0
     assert table.choose(8192, 0.5) == "sparse" and table.choose(8192, 0.75) == "dense"
@@ -333,7 +338,7 @@ def test_measuring_keeps_to_its_budget(monkeypatch):
 def test_both_layouts_are_measured_side_by_side(monkeypatch):
     fake = FakeLengths({0.25: 1024, 0.5: 2048, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    points = crossover.measure_points(SHAPE, timer=lambda: fake.clock, budget_s=100.0)
+    points = crossover.measure_points(SHAPE, LENGTHS, timer=lambda: fake.clock, budget_s=100.0)
     assert {p.layout for p in points} == {"mixed", "uniform"}
     assert fake.measured[0] == (2048, (0.25, 0.25, 0.5, 0.5, 0.75, 0.75))
     one_head = Shape(1, 1, 16, torch.float32, CPU, 8)  # one head: its spans cannot differ
@@ -354,10 +359,10 @@ def test_the_budget_goes_to_the_sparsest_cheapest_units(monkeypatch):
         return [Point(n, d, d, 1.5 if n >= 4096 and d < 0.75 else 0.5, cost[lay], base, lay) for d, lay in units]
 
     monkeypatch.setattr(crossover, "_measure_length", fake_length)
-    table = Crossover(crossover.measure_points(SHAPE, timer=lambda: clock[0], budget_s=15.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, timer=lambda: clock[0], budget_s=20.0))
     cheap = ((0.25, "uniform"), (0.5, "uniform"))
     assert [n for n, _ in measured] == [2048, 4096, 3072] and measured[1][1] == measured[2][1] == cheap
-    assert clock[0] <= 15.0
+    assert clock[0] <= 20.0
     assert table.choose(4096, 0.5, "uniform") == "sparse" and table.choose(4096, 0.25, "mixed") == "dense"
 
 
@@ -373,7 +378,7 @@ def test_a_slow_dense_round_cannot_fake_a_win():
 
 
 def test_a_decisive_point_is_not_timed_again():
-    """A clear loss settles after one round (a wrong one costs only speed), a clear win after two."""
+    """A clear loss or a clear win settles after two rounds, not one."""
     durations = {"mixed": 1.0, (0.25, "mixed"): 10.0, (0.5, "mixed"): 1.1, (0.75, "mixed"): 0.1}
     calls = dict.fromkeys(durations, 0)  # dense, then units of its layout
     clock = [0.0]
@@ -385,8 +390,27 @@ def test_a_decisive_point_is_not_timed_again():
         return call
 
     times = crossover._interleaved({name: fn(name) for name in calls}, 1, 5, lambda: None, lambda: clock[0])
-    assert [len(times[name]) for name in calls] == [5, 1, 5, 2]
-    assert list(calls.values()) == [6, 2, 6, 3]
+    assert [len(times[name]) for name in calls] == [5, 2, 5, 2]
+    assert list(calls.values()) == [6, 3, 6, 3]
+
+
+@pytest.mark.parametrize("n", crossover.GRID_LENGTHS)
+def test_a_slow_first_call_does_not_decide_the_point(n):
+    """The sparse kernel's first call pays one-time costs (op check, chunk plans), here 20 times its steady cost of
+    0.5 s against dense's 1 s: at every grid length the point still comes out as the win it is."""
+    cost = {"uniform": [1.0], (0.5, "uniform"): [10.0]}  # first-call costs; later calls cost the last entry
+    steady = {"uniform": 1.0, (0.5, "uniform"): 0.5}
+    clock = [0.0]
+
+    def fn(name):
+        def call():
+            clock[0] += cost[name].pop() if cost[name] else steady[name]
+        return call
+
+    times = crossover._interleaved({name: fn(name) for name in cost}, *crossover._schedule(n), lambda: None,
+                                   lambda: clock[0])
+    ratios = [a / b for a, b in zip(times["uniform"], times[0.5, "uniform"], strict=False)]
+    assert statistics.median(ratios) == pytest.approx(2.0)
 
 
 def test_measuring_runs_the_real_kernels():

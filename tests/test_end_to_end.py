@@ -76,7 +76,8 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
     frame = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
     assert list(frame.columns) == ["method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo",
                                    "acc_hi", "agree_dense", "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token",
-                                   "kv_bytes", "kv_density", "attention_density"]
+                                   "kv_bytes", "kv_density", "attention_density", "prefill_speedup",
+                                   "decode_speedup"]
     cells = {(r.method, r.budget, r.task, r.seq_len) for r in frame.itertuples()}
     methods = {("dense", "")} | {(m, b) for m in ("moa", "binary", "uniform") for b in ("0.5", "0.25")}
     tasks = ("passkey", "var_tracking", "multi_doc_qa")
@@ -84,6 +85,8 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
     assert ((frame["acc_lo"] <= frame["accuracy"]) & (frame["accuracy"] <= frame["acc_hi"])).all()
     dense = frame[frame["method"] == "dense"]
     assert (dense["agree_dense"] == 1).all() and (dense["kl_dense"] == 0).all() and (dense["kv_density"] == 1).all()
+    assert (dense["prefill_speedup"] == 1).all()  # dense against itself, prompt by prompt
+    assert (frame["prefill_speedup"] > 0).all() and (frame["decode_speedup"].dropna() > 0).all()
     for (method, budget, n), rows in frame[frame["method"] != "dense"].groupby(["method", "budget", "seq_len"]):
         plan = load_plan(run_dir / ("plans" if method == "binary" else "validate") / rows["plan_id"].iloc[0]) \
             if method != "uniform" else None

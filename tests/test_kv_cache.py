@@ -151,3 +151,35 @@ def test_refuses_what_it_cannot_hold():
         layer.update(position_states([5, 6], 1), position_states([5, 6], 1))
     with pytest.raises(ValueError, match="built for batch 1"):
         layer.update(torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1))
+
+
+def brute_force_packed_decode(q, k_packed, v_packed, offsets, valid_lengths, keep, scale):
+    """Per sequence and query head, in float64: softmax over its own KV head's first ``valid`` slots that ``keep``
+    allows (zeros where none is)."""
+    b, hq, _, d = q.shape
+    group = hq // (len(offsets) - 1)
+    out = torch.zeros(b, hq, 1, d, dtype=torch.float64)
+    for i in range(b):
+        for h in range(hq):
+            lo = offsets[h // group]
+            slots = [s for s in range(lo, lo + valid_lengths[h // group]) if keep is None or keep[h, s]]
+            if slots:
+                probs = torch.softmax(k_packed[i, slots].double() @ q[i, h, 0].double() * scale, dim=0)  # (n,)
+                out[i, h, 0] = probs @ v_packed[i, slots].double()
+    return out
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+@pytest.mark.parametrize("valid", [[3, 17, 0], [5, 17, 9], [1, 2, 3]])
+def test_one_call_packed_decode_equals_brute_force(valid, with_keep):
+    """Unequal capacities, partly filled or empty heads, and a per-query-head ``keep`` mask: the one-matmul torch
+    path gives what a per-head float64 softmax gives."""
+    gen = torch.Generator().manual_seed(3)
+    offsets = [0, 5, 22, 31]  # capacities 5, 17, 9
+    q = torch.randn(2, 6, 1, 16, generator=gen)  # (B, Hq, 1, D), group 2
+    k, v = (torch.randn(2, 31, 16, generator=gen) for _ in range(2))  # (B, T, D)
+    keep = torch.rand(6, 31, generator=gen) < 0.6 if with_keep else None
+    out = packed_decode_attention(q, k, v, offsets, torch.tensor(valid, dtype=torch.int32), keep=keep,
+                                  backend="torch", scale=0.3)
+    expected = brute_force_packed_decode(q, k, v, offsets, valid, keep, 0.3)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

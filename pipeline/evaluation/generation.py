@@ -7,6 +7,7 @@ are timed separately, so one run gives accuracy, fidelity and latency.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -27,11 +28,21 @@ class Generation:
     """Mean over the decode steps (nan when the response has a single token)."""
     kv_bytes: int
     """Bytes the cache holds (dense) or allocates (per-head cache) after generation."""
+    reference_logits: torch.Tensor | None = None
+    """``[R', V]`` float32, when generated against a reference response of ``R'`` tokens: the logits that predict
+    each reference token after the prompt and the reference's earlier tokens (teacher-forced)."""
 
 
 @torch.no_grad()
-def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> Generation:
-    """Greedy decoding of ``prompt_ids`` for at most ``max_new_tokens`` tokens, stopping after an end token."""
+def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int],
+                 reference: list[int] | None = None) -> Generation:
+    """Greedy decoding of ``prompt_ids`` for at most ``max_new_tokens`` tokens, stopping after an end token.
+
+    With ``reference`` (another method's response to the same prompt, at most ``max_new_tokens`` long) it also
+    returns the teacher-forced logits of that response, without a second prefill: while the greedy response follows
+    the reference, its own step logits are those; where it first leaves it, a copy of the cache is taken (outside
+    the timed calls) and, after generation, fed the reference's remaining tokens one decode step at a time.
+    """
     device = next(model.parameters()).device
     cache = _new_cache(model, len(prompt_ids), max_new_tokens)
     kwargs = {cache_argument(): cache, "use_cache": True, "logits_to_keep": 1}
@@ -40,8 +51,12 @@ def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
     _synchronize(device)
     prefill = time.perf_counter() - started
     logits, tokens, decode_seconds = [out.logits[0, -1].float()], [], 0.0
+    fork = None  # (p, cache holding the prompt and reference[:p]) where the response leaves the reference
     while True:
         tokens.append(int(logits[-1].argmax()))
+        step = len(tokens) - 1
+        if fork is None and reference is not None and step < len(reference) and tokens[step] != reference[step]:
+            fork = step, copy.deepcopy(cache)
         if tokens[-1] in eos_ids or len(tokens) == max_new_tokens:
             break
         started = time.perf_counter()
@@ -50,9 +65,23 @@ def timed_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
         decode_seconds += time.perf_counter() - started
         logits.append(out.logits[0, -1].float())
     steps = len(tokens) - 1
+    kv_bytes = _cache_bytes(cache)
+    forced = None
+    if reference is not None:
+        start, forked = fork if fork is not None else (len(tokens) - 1, cache)  # the last token was never fed
+        forced = logits[:start + 1] + _teacher_forced_steps(model, forked, reference[start:-1], kwargs)
     return Generation(prompt_ids=list(prompt_ids), response_ids=tokens, logits=torch.stack(logits).cpu(),
                       prefill_ms=prefill * 1e3, decode_ms_per_token=decode_seconds * 1e3 / steps if steps else float("nan"),
-                      kv_bytes=_cache_bytes(cache))
+                      kv_bytes=kv_bytes,
+                      reference_logits=None if forced is None else torch.stack(forced[:len(reference)]).cpu())
+
+
+def _teacher_forced_steps(model, cache, tokens: list[int], kwargs: dict) -> list[torch.Tensor]:
+    """Feed ``tokens`` one decode step at a time into ``cache``; the ``[V]`` logits after each."""
+    device = next(model.parameters()).device
+    kwargs = {**kwargs, cache_argument(): cache}
+    return [model(input_ids=torch.tensor([[token]], device=device), **kwargs).logits[0, -1].float()
+            for token in tokens]
 
 
 @torch.no_grad()

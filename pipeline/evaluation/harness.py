@@ -5,9 +5,15 @@ plan runs through the same runtime (:func:`pipeline.sparse_runtime.plan_applied`
 sample with the dense model's own greedy answer, so it holds even where both are wrong:
 
 - ``agree_dense``: the share of samples whose greedy answer equals dense's (normalised answer text);
-- ``kl_dense``: the mean KL(dense || method) over dense's response tokens, teacher-forced. While a method's greedy
-  response equals dense's, its own decode logits are exactly those; otherwise one forward pass over the prompt
-  and dense's response gives them.
+- ``kl_dense``: the mean KL(dense || method) over dense's response tokens, teacher-forced. They come with the
+  method's own generation (:func:`pipeline.evaluation.generation.timed_greedy` given dense's response): its step
+  logits while it follows dense, then decode steps over dense's remaining tokens from a copy of the cache where it
+  left it; so no sample pays a second prefill.
+
+Speed against dense is paired by prompt: ``prefill_speedup`` (and ``decode_speedup``) is the median over samples of
+dense's prefill time (per-token decode time) on a prompt over the method's on the same prompt, so prompts of
+different lengths do not blur it. Methods run one after another, so a machine whose load changes between them
+shows in these ratios; ``stage=benchmark`` times kernels side by side in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -66,13 +72,15 @@ def heldout_text(tokenizer, length: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def run_method(model, tokenizer, method: Method, items: dict[str, list], eos_ids: set[int], max_new_tokens: int,
-               *, backend: str) -> dict[str, list[Generation]]:
-    """Greedy generations of ``method`` for every item (after one untimed warm-up generation)."""
+               *, backend: str, dense: dict[str, list[Generation]] | None = None) -> dict[str, list[Generation]]:
+    """Greedy generations of ``method`` for every item (after one untimed warm-up generation); given ``dense``'s
+    generations, each also carries the teacher-forced logits of dense's response (for ``kl_dense``)."""
     with _attention(model, method, backend):
         warm = next(iter(items.values()))[0]
         timed_greedy(model, chat_ids(tokenizer, warm.prompt), 2, eos_ids)
-        return {task: [timed_greedy(model, chat_ids(tokenizer, item.prompt), max_new_tokens, eos_ids)
-                       for item in task_items] for task, task_items in items.items()}
+        return {task: [timed_greedy(model, chat_ids(tokenizer, item.prompt), max_new_tokens, eos_ids,
+                                    reference=None if dense is None else dense[task][i].response_ids)
+                       for i, item in enumerate(task_items)] for task, task_items in items.items()}
 
 
 def method_perplexity(model, method: Method, text: dict[str, torch.Tensor], *, backend: str) -> float:
@@ -102,23 +110,32 @@ def result_rows(model, tokenizer, method: Method, length: int, items: dict[str, 
             "kv_bytes": int(statistics.median(g.kv_bytes for g in gens)),
             "kv_density": 1.0 if method.plan is None else plan_kv_density(method.plan, length),
             "attention_density": 1.0 if method.plan is None else plan_attention_density(method.plan, length),
+            "prefill_speedup": _paired_ratio([g.prefill_ms for g in refs], [g.prefill_ms for g in gens]),
+            "decode_speedup": _paired_ratio([g.decode_ms_per_token for g in refs],
+                                            [g.decode_ms_per_token for g in gens]),
         })
     return rows
 
 
 def _mean_kl(model, method: Method, gens: list[Generation], refs: list[Generation], *, backend: str) -> float:
-    """Mean over samples of the mean KL(dense || method) on dense's response tokens."""
+    """Mean over samples of the mean KL(dense || method) on dense's response tokens, from the teacher-forced logits
+    generated with the response (one forward pass for a generation made without them)."""
     if method.plan is None:
         return 0.0
     values = []
     with _attention(model, method, backend):
         for gen, ref in zip(gens, refs, strict=True):
-            if gen.response_ids[:len(ref.response_ids)] == ref.response_ids:
-                logits = gen.logits[:len(ref.response_ids)]  # same prefix: the decode logits are teacher-forced ones
-            else:
+            logits = gen.reference_logits
+            if logits is None:
                 logits = teacher_forced_logits(model, ref.prompt_ids, ref.response_ids)
             values.append(kl_from_dense(ref.logits, logits, torch.ones(len(ref.response_ids))))
     return sum(values) / len(values)
+
+
+def _paired_ratio(dense_ms: list[float], method_ms: list[float]) -> float:
+    """Median over samples of dense's time over the method's on the same prompt (above 1: the method is faster);
+    nan when no sample has both times."""
+    return _median_finite(a / b for a, b in zip(dense_ms, method_ms, strict=True) if b > 0)
 
 
 def _median_finite(values) -> float:

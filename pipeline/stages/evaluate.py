@@ -4,7 +4,7 @@ Methods: ``dense``; per budget of ``optimize.density_budget``, ``moa`` (validate
 (optimize's DuoAttention-style baseline) and ``uniform`` (one sink-plus-window for every head, sized at each
 length to the MoA plan's KV density there). Per (method, budget, task, length) it records accuracy with its 95%
 Wilson interval, agreement with dense's answers, KL from dense on dense's response tokens, held-out perplexity,
-prefill and per-token decode latency, KV bytes and densities (see :mod:`pipeline.evaluation.harness`).
+prefill and per-token decode latency and their speed-up over dense (paired by prompt), KV bytes and densities (see :mod:`pipeline.evaluation.harness`).
 
 Writes ``eval/results.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
 cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
@@ -34,11 +34,12 @@ from pipeline.settings import budget_label
 from pipeline.stages.registry import stage
 
 COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo", "acc_hi", "agree_dense",
-           "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density")
-METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token",
-           "kv_bytes", "kv_density", "attention_density")
+           "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density",
+           "prefill_speedup", "decode_speedup")
+METRICS = COLUMNS[6:]
 TASK_METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense")
-LENGTH_METRICS = ("ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density")
+LENGTH_METRICS = ("ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density",
+                  "prefill_speedup", "decode_speedup")
 
 
 @stage("evaluate", requires=("validate",),
@@ -70,7 +71,7 @@ def run_evaluate(ctx):
             if cells[method].is_file():
                 rows += json.loads(cells[method].read_text())
                 continue
-            generations = dense if method is methods[0] else generate(method)
+            generations = dense if method is methods[0] else generate(method, dense=dense)
             ppl = method_perplexity(model, method, text, backend=settings.backend)
             cell = result_rows(model, tokenizer, method, length, items, generations, dense, ppl,
                                backend=settings.backend)
@@ -141,6 +142,12 @@ def _plan_run(ctx, method: str, budget: str):
 
 
 def _table(frame: pd.DataFrame) -> str:
-    shown = frame.pivot_table(index=["method", "budget"], columns="seq_len", values="accuracy", aggfunc="mean",
-                              sort=False)
-    return "Accuracy (mean over tasks) by length:\n" + shown.round(3).to_string()
+    """Accuracy, and prefill and decode speed against dense, per method and length (over tasks)."""
+    parts = []
+    for value, aggfunc, title in (("accuracy", "mean", "Accuracy (mean over tasks)"),
+                                  ("prefill_speedup", "median", "Prefill speed-up over dense (median over tasks)"),
+                                  ("decode_speedup", "median", "Decode speed-up over dense per token (median over tasks)")):
+        shown = frame.pivot_table(index=["method", "budget"], columns="seq_len", values=value, aggfunc=aggfunc,
+                                  sort=False)
+        parts.append(f"{title} by length:\n" + shown.round(3).to_string())
+    return "\n".join(parts)

@@ -1,0 +1,117 @@
+"""Whole-model latency of a run's selected plans against dense attention, measured side by side.
+
+For each length, one random prompt of ``N - new`` tokens is generated greedily (``--new`` tokens, no end token)
+with dense attention and with each budget's selected plan (``validate/selected_<budget>.json``) applied through
+the ``auto`` backend, in interleaved rounds (dense, then every plan, ``--rounds`` times after one untimed round).
+Per plan and length it reports prefill and per-token decode time, and the speed-up over dense as the median of
+the per-round ratios (above 1: the plan is faster), so load that drifts between rounds hits both alike.
+
+Results go to ``<run_dir>/latency/plan_latency.csv`` and to the MLflow experiment ``moa-autotune-latency``.
+
+    .venv/bin/python scripts/plan_latency.py --lengths 512 1024 2048 4096 -- run_dir=runs/smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline import io
+from pipeline.artifacts import RunArtifacts
+from pipeline.errors import UserError
+from pipeline.evaluation.generation import timed_greedy
+from pipeline.models import load_model
+from pipeline.plan import load_plan, plan_attention_density, plan_kv_density
+from pipeline.run import compose
+from pipeline.settings import budget_label, check_all
+from pipeline.sparse_runtime import plan_applied
+from pipeline.tracking import Tracker, default_uri
+
+EXPERIMENT = "moa-autotune-latency"
+
+
+def measure(model, plans: dict[str, object], n: int, new: int, rounds: int, seed: int) -> list[dict]:
+    """Rows of one length: per method, median prefill ms, decode ms per token, and speed-ups over dense."""
+    prompt = torch.randint(200, model.config.vocab_size - 200, (n - new,),
+                           generator=torch.Generator().manual_seed(seed + n)).tolist()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ("dense", *plans)}
+    for round_ in range(rounds + 1):  # round 0 is untimed: first-use costs
+        for name in times:
+            plan = plans.get(name)
+            with plan_applied(model, plan, backend="auto") if plan is not None else torch.no_grad():
+                gen = timed_greedy(model, prompt, new, set())
+            if round_:
+                times[name].append((gen.prefill_ms, gen.decode_ms_per_token))
+    rows = []
+    for name, measured in times.items():
+        plan = plans.get(name)
+        dense = times["dense"]
+        rows.append({
+            "method": "dense" if plan is None else "moa", "budget": "" if plan is None else name, "seq_len": n,
+            "rounds": rounds, "new_tokens": new,
+            "kv_density": 1.0 if plan is None else plan_kv_density(plan, n),
+            "attention_density": 1.0 if plan is None else plan_attention_density(plan, n),
+            "prefill_ms": statistics.median(p for p, _ in measured),
+            "decode_ms_per_token": statistics.median(d for _, d in measured),
+            "prefill_speedup": statistics.median(a[0] / b[0] for a, b in zip(dense, measured, strict=True)),
+            "decode_speedup": statistics.median(a[1] / b[1] for a, b in zip(dense, measured, strict=True)),
+        })
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt (decode steps + 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one untimed round")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="pipeline config overrides (after --), e.g. run_dir=...")
+    args = parser.parse_args()
+    try:
+        cfg = compose(list(args.overrides))
+        settings = check_all(cfg)
+        run_dir = Path(settings.run.run_dir)
+        artifacts = RunArtifacts(run_dir)
+        loaded = load_model(cfg.model, settings.run.torch_device())
+        too_long = [n for n in args.lengths if loaded.info.max_positions and n > loaded.info.max_positions]
+        if too_long or min(args.lengths) <= args.new:
+            raise UserError(f"--lengths: {(too_long or [min(args.lengths)])[0]} is outside ({args.new}, "
+                            f"{loaded.info.max_positions}]")
+        plans = {}
+        for budget in (budget_label(b) for b in settings.optimize.budgets):
+            path = artifacts.selected_plan_at(budget)
+            if not path.is_file():
+                raise UserError(f"{path}: no selected plan; run stage=validate on {run_dir} first")
+            plans[budget] = load_plan(path, loaded.info)
+    except (UserError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = []
+    for n in tqdm(args.lengths, desc="lengths"):
+        rows += measure(loaded.model, plans, n, args.new, args.rounds, args.seed)
+        for row in rows[-len(plans) - 1:]:
+            print(f"N={n} {row['method']}{'@' + row['budget'] if row['budget'] else ''}: prefill "
+                  f"{row['prefill_ms']:.0f} ms ({row['prefill_speedup']:.2f}x dense), decode "
+                  f"{row['decode_ms_per_token']:.1f} ms/token ({row['decode_speedup']:.2f}x)", flush=True)
+    frame = pd.DataFrame(rows)
+    out = run_dir / "latency" / "plan_latency.csv"
+    io.write_csv(out, frame)
+    tracker = Tracker(default_uri(run_dir), EXPERIMENT, run_dir)
+    with tracker.run("plan_latency", tags={"threads": str(torch.get_num_threads())}) as run:
+        run.log_params({"lengths": list(args.lengths), "new_tokens": args.new, "rounds": args.rounds})
+        run.log_metrics({f"{metric}:{row.budget or 'dense'}:{row.seq_len}": getattr(row, metric)
+                         for row in frame.itertuples() for metric in ("prefill_speedup", "decode_speedup",
+                                                                       "prefill_ms", "decode_ms_per_token")})
+        run.log_artifact(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
