@@ -68,7 +68,7 @@ CACHE_VERSION = 3
 warm-up round, and a loss settles only after two rounds, like a win)."""
 GRID_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 """Lengths searched for each density's crossover (then the midpoint where it flips); dense below the first."""
-GRID_DENSITIES = (0.25, 0.5, 0.75)
+GRID_DENSITIES = (0.25, 0.5, 0.75, 0.875)
 """Attention densities measured; a call denser than the last is dense without measuring."""
 LAYOUTS = ("mixed", "uniform")
 """How a call's spans vary: ``uniform``, one span for every head; ``mixed``, anything else (as in a plan, where each

@@ -75,26 +75,26 @@ def packed_decode_attention_torch(q: torch.Tensor, k_packed: torch.Tensor, v_pac
     """
     b, hq, _, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
-    slot_head, slot_local, own = _slot_index(tuple(int(x) for x in offsets), hq, q.device)  # (T,), (T,), (Hq, T)
+    slot_head, slot_local, foreign = _slot_index(tuple(int(x) for x in offsets), hq, q.device)  # (T,), (T,), (Hq, T)
     lengths = torch.as_tensor(valid_lengths, device=q.device)  # (Hkv,)
-    visible = own & (slot_local < lengths[slot_head])  # (Hq, T)
+    hidden = foreign | (slot_local >= lengths[slot_head])  # (Hq, T): another head's slot, or not filled yet
     if keep is not None:
-        visible &= keep
+        hidden |= ~keep
     scores = torch.bmm(q.reshape(b, hq, d) * scale, k_packed.transpose(1, 2))  # (B, Hq, T)
     scores = scores if scores.dtype == torch.float32 else scores.float()
-    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
     return torch.bmm(probs.to(v_packed.dtype), v_packed).view(b, hq, 1, d)  # (B, Hq, 1, D)
 
 
 @functools.lru_cache(maxsize=256)
 def _slot_index(offsets: tuple[int, ...], heads: int, device: torch.device):
     """For each packed slot: the KV head owning it ``[T]`` and its index among that head's slots ``[T]``; and
-    which slots each query head's KV head owns ``[Hq, T]`` bool."""
+    which slots belong to another KV head than each query head's ``[Hq, T]`` bool."""
     counts = torch.tensor([hi - lo for lo, hi in zip(offsets, offsets[1:], strict=False)], device=device)
     head = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
     local = torch.arange(offsets[-1], device=device) - torch.tensor(offsets[:-1], device=device)[head]
     owner = torch.arange(heads, device=device) // (heads // counts.numel())  # (Hq,): each query head's KV head
-    return head, local, owner.view(-1, 1) == head.view(1, -1)
+    return head, local, owner.view(-1, 1) != head.view(1, -1)
 
 
 def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,

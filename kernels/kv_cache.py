@@ -68,6 +68,7 @@ class PerHeadLayer(CacheLayerMixin):
         # Query heads whose span is below their group's ring must mask some cached tokens at decode.
         self.needs_keep = bool((self.query_spans.view(hkv, self.group) < self.ring.cpu().view(hkv, 1)).any())
         self.seen = 0
+        self._step_slots = None  # (total, Hkv) slot of each position, built at the first decode step
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -106,7 +107,10 @@ class PerHeadLayer(CacheLayerMixin):
             return key_states, value_states
         if n != 1:
             raise ValueError("per-head cache takes one prefill, then one token per step")
-        slots = self._slots(torch.full((self.ring.numel(), 1), self.seen, device=self.device)).view(-1)  # (Hkv,)
+        if self._step_slots is None:  # every decode position's slots, once: a step then only indexes them
+            positions = torch.arange(self.total, device=self.device).expand(self.ring.numel(), self.total)
+            self._step_slots = self._slots(positions).t().contiguous()  # (total, Hkv)
+        slots = self._step_slots[self.seen]  # (Hkv,)
         self.keys.index_copy_(1, slots, key_states[:, :, 0])
         self.values.index_copy_(1, slots, value_states[:, :, 0])
         self.seen += 1

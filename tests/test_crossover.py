@@ -293,6 +293,7 @@ def test_dense_masked_edge_cases(spans, sink, path, monkeypatch):
 
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
+DENSITIES = (0.25, 0.5, 0.75)
 """The grid of the search tests below (the search itself does not depend on which grid)."""
 
 
@@ -316,7 +317,8 @@ def test_measuring_searches_each_crossover(monkeypatch):
     midpoints of the flips."""
     fake = FakeLengths({0.25: 1024, 0.5: 2048, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, layouts=("mixed",), timer=lambda: fake.clock, budget_s=100.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, DENSITIES, layouts=("mixed",), timer=lambda: fake.clock,
+                                               budget_s=100.0))
     assert fake.measured == [(2048, (0.25, 0.5, 0.75)), (1024, (0.25, 0.5)), (512, (0.25,)), (4096, (0.75,)),
                              (8192, (0.75,)), (768, (0.25,)), (1536, (0.5,))]
     assert [table.choose(n, 0.5) for n in (1024, 1536, 2048, 16384)] == ["dense", "dense", "sparse", "sparse"]
@@ -329,7 +331,8 @@ def test_measuring_keeps_to_its_budget(monkeypatch):
     that need it fits, and neither midpoint does."""
     fake = FakeLengths({0.25: 1024, 0.5: 4096, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, layouts=("mixed",), timer=lambda: fake.clock, budget_s=8.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, DENSITIES, layouts=("mixed",), timer=lambda: fake.clock,
+                                               budget_s=8.0))
     assert fake.measured == [(2048, (0.25, 0.5, 0.75)), (1024, (0.25,)), (512, (0.25,)), (4096, (0.5,))]
     assert fake.clock <= 8.0
     assert table.choose(8192, 0.5) == "sparse" and table.choose(8192, 0.75) == "dense"
@@ -338,11 +341,12 @@ def test_measuring_keeps_to_its_budget(monkeypatch):
 def test_both_layouts_are_measured_side_by_side(monkeypatch):
     fake = FakeLengths({0.25: 1024, 0.5: 2048, 0.75: 10**9})
     monkeypatch.setattr(crossover, "_measure_length", fake)
-    points = crossover.measure_points(SHAPE, LENGTHS, timer=lambda: fake.clock, budget_s=100.0)
+    points = crossover.measure_points(SHAPE, LENGTHS, DENSITIES, timer=lambda: fake.clock, budget_s=100.0)
     assert {p.layout for p in points} == {"mixed", "uniform"}
     assert fake.measured[0] == (2048, (0.25, 0.25, 0.5, 0.5, 0.75, 0.75))
     one_head = Shape(1, 1, 16, torch.float32, CPU, 8)  # one head: its spans cannot differ
-    assert {p.layout for p in crossover.measure_points(one_head, timer=lambda: fake.clock)} == {"uniform"}
+    one_head_points = crossover.measure_points(one_head, LENGTHS, DENSITIES, timer=lambda: fake.clock)
+    assert {p.layout for p in one_head_points} == {"uniform"}
 
 
 def test_the_budget_goes_to_the_sparsest_cheapest_units(monkeypatch):
@@ -359,7 +363,7 @@ def test_the_budget_goes_to_the_sparsest_cheapest_units(monkeypatch):
         return [Point(n, d, d, 1.5 if n >= 4096 and d < 0.75 else 0.5, cost[lay], base, lay) for d, lay in units]
 
     monkeypatch.setattr(crossover, "_measure_length", fake_length)
-    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, timer=lambda: clock[0], budget_s=20.0))
+    table = Crossover(crossover.measure_points(SHAPE, LENGTHS, DENSITIES, timer=lambda: clock[0], budget_s=20.0))
     cheap = ((0.25, "uniform"), (0.5, "uniform"))
     assert [n for n, _ in measured] == [2048, 4096, 3072] and measured[1][1] == measured[2][1] == cheap
     assert clock[0] <= 20.0
