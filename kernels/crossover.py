@@ -63,9 +63,10 @@ from kernels.pattern import kept_pairs
 ENV_MODE = "MOA_CROSSOVER"
 MODES = ("auto", "sparse", "dense", "off")
 CACHE_FILE = "crossover.json"
-CACHE_VERSION = 3
-"""Bumped when measuring changes; entries of another version are measured again (version 3: every length has a
-warm-up round, and a loss settles only after two rounds, like a win)."""
+CACHE_VERSION = 4
+"""Bumped when measuring or the grid changes; entries of another version are measured again (version 3: every
+length has a warm-up round, and a loss settles only after two rounds, like a win; 4: lengths from 256, density
+0.875)."""
 GRID_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 """Lengths searched for each density's crossover (then the midpoint where it flips); dense below the first."""
 GRID_DENSITIES = (0.25, 0.5, 0.75, 0.875)
