@@ -231,3 +231,33 @@ def test_evaluation_notebooks_execute_on_the_run(full_run, tmp_path, name):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})], "no figure"
+
+
+def test_plan_latency_script_times_every_selected_plan_beside_dense(full_run):
+    """scripts/plan_latency.py on the tiny run: one row per (method, length), dense against itself exactly 1, the
+    plans' densities those of their files, the CSV and one MLflow run; a length beyond the model is one line, exit 2."""
+    import subprocess
+    import sys
+
+    run_dir, _ = full_run
+    overrides = ["--", "model=tiny", f"run_dir={run_dir}", *LENGTHS]
+    script = [sys.executable, str(REPO / "scripts" / "plan_latency.py")]
+    done = subprocess.run([*script, "--lengths", "256", "512", "--new", "4", "--rounds", "1", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    frame = pd.read_csv(run_dir / "latency" / "plan_latency.csv", dtype={"budget": str}).fillna({"budget": ""})
+    assert sorted(zip(frame["budget"], frame["seq_len"], strict=True)) == [
+        (b, n) for b in ("", "0.25", "0.5") for n in (256, 512)]
+    dense = frame[frame["method"] == "dense"]
+    assert (dense["prefill_speedup"] == 1).all() and (dense["decode_speedup"] == 1).all()
+    for row in frame[frame["method"] == "moa"].itertuples():
+        plan = load_plan(run_dir / "validate" / f"selected_{row.budget}.json")
+        assert row.kv_density == pytest.approx(plan_kv_density(plan, row.seq_len))
+        assert row.prefill_speedup > 0 and row.decode_speedup > 0
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["moa-autotune-latency"],
+                              filter_string="attributes.run_name = 'plan_latency'")
+    assert len(runs) == 1 and runs["metrics.prefill_speedup:dense:512"].iloc[0] == 1.0
+    bad = subprocess.run([*script, "--lengths", "99999", *overrides], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --lengths: 99999")
