@@ -14,6 +14,7 @@ Results go to ``<run_dir>/latency/plan_latency.csv`` and to the MLflow experimen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from kernels.bench import median_ratio
 from pipeline import io
 from pipeline.artifacts import RunArtifacts
 from pipeline.errors import UserError
@@ -40,27 +42,28 @@ def measure(model, plans: dict[str, object], n: int, new: int, rounds: int, seed
     """Rows of one length: per method, median prefill ms, decode ms per token, and speed-ups over dense."""
     prompt = torch.randint(200, model.config.vocab_size - 200, (n - new,),
                            generator=torch.Generator().manual_seed(seed + n)).tolist()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ("dense", *plans)}
+    prefill: dict[str, list[float]] = {name: [] for name in ("dense", *plans)}  # ms per timed round
+    decode: dict[str, list[float]] = {name: [] for name in prefill}  # ms per token per timed round
     for round_ in range(rounds + 1):  # round 0 is untimed: first-use costs
-        for name in times:
+        for name in prefill:
             plan = plans.get(name)
-            with plan_applied(model, plan, backend="auto") if plan is not None else torch.no_grad():
+            with plan_applied(model, plan, backend="auto") if plan is not None else contextlib.nullcontext():
                 gen = timed_greedy(model, prompt, new, set())
             if round_:
-                times[name].append((gen.prefill_ms, gen.decode_ms_per_token))
+                prefill[name].append(gen.prefill_ms)
+                decode[name].append(gen.decode_ms_per_token)
     rows = []
-    for name, measured in times.items():
+    for name in prefill:
         plan = plans.get(name)
-        dense = times["dense"]
         rows.append({
             "method": "dense" if plan is None else "moa", "budget": "" if plan is None else name, "seq_len": n,
             "rounds": rounds, "new_tokens": new,
             "kv_density": 1.0 if plan is None else plan_kv_density(plan, n),
             "attention_density": 1.0 if plan is None else plan_attention_density(plan, n),
-            "prefill_ms": statistics.median(p for p, _ in measured),
-            "decode_ms_per_token": statistics.median(d for _, d in measured),
-            "prefill_speedup": statistics.median(a[0] / b[0] for a, b in zip(dense, measured, strict=True)),
-            "decode_speedup": statistics.median(a[1] / b[1] for a, b in zip(dense, measured, strict=True)),
+            "prefill_ms": statistics.median(prefill[name]),
+            "decode_ms_per_token": statistics.median(decode[name]),
+            "prefill_speedup": median_ratio(prefill["dense"], prefill[name]),
+            "decode_speedup": median_ratio(decode["dense"], decode[name]),
         })
     return rows
 

@@ -4,7 +4,8 @@ Methods: ``dense``; per budget of ``optimize.density_budget``, ``moa`` (validate
 (optimize's DuoAttention-style baseline) and ``uniform`` (one sink-plus-window for every head, sized at each
 length to the MoA plan's KV density there). Per (method, budget, task, length) it records accuracy with its 95%
 Wilson interval, agreement with dense's answers, KL from dense on dense's response tokens, held-out perplexity,
-prefill and per-token decode latency and their speed-up over dense (paired by prompt), KV bytes and densities (see :mod:`pipeline.evaluation.harness`).
+prefill and per-token decode latency and their speed-up over dense (paired by prompt), KV bytes and densities
+(see :mod:`pipeline.evaluation.harness`).
 
 Writes ``eval/results.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
 cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
@@ -144,9 +145,10 @@ def _plan_run(ctx, method: str, budget: str):
 def _table(frame: pd.DataFrame) -> str:
     """Accuracy, and prefill and decode speed against dense, per method and length (over tasks)."""
     parts = []
-    for value, aggfunc, title in (("accuracy", "mean", "Accuracy (mean over tasks)"),
-                                  ("prefill_speedup", "median", "Prefill speed-up over dense (median over tasks)"),
-                                  ("decode_speedup", "median", "Decode speed-up over dense per token (median over tasks)")):
+    for value, aggfunc, title in (
+            ("accuracy", "mean", "Accuracy (mean over tasks)"),
+            ("prefill_speedup", "median", "Prefill speed-up over dense (median over tasks)"),
+            ("decode_speedup", "median", "Decode speed-up over dense per token (median over tasks)")):
         shown = frame.pivot_table(index=["method", "budget"], columns="seq_len", values=value, aggfunc=aggfunc,
                                   sort=False)
         parts.append(f"{title} by length:\n" + shown.round(3).to_string())
