@@ -706,6 +706,8 @@ class AdaptersSettings:
     search_space_path: str | None
     plan: str | None
     """``selected``: validate's plan at the first budget; a plan file path; ``None``: no plan."""
+    plan_training: bool
+    """Also retrain the most accurate Pareto composition with the plan applied (``trial_<n>+plan``)."""
     backend: str
     seed: int
     optuna: OptunaSettings
@@ -761,6 +763,7 @@ class AdaptersSettings:
             search_space=space,
             search_space_path=space_path,
             plan=plan,
+            plan_training=_bool("adapters.plan_training", read("plan_training")),
             backend=_choice("adapters.backend", read("backend"), PREFILL_BACKENDS),
             seed=_int("adapters.seed", read("seed"), 0),
             optuna=OptunaSettings.from_cfg(cfg),

@@ -348,7 +348,8 @@ def test_batched_greedy_under_a_sparse_plan_equals_one_at_a_time():
     from pipeline.sparse_runtime import plan_applied
 
     model, tokenizer = tiny()
-    examples = [AdapterExample("t", f"{word} " * 12, "x") for word in ("alpha", "gamma", "delta", "omega", "sigma")]
+    examples = [AdapterExample("t", f"{word} " * repeat, "x")  # two lengths: a batch must not mix them
+                for word in ("alpha", "gamma", "delta", "omega", "sigma") for repeat in (12, 13)]
     new = 8
     dense = greedy_answers(model, tokenizer, examples, max_new_tokens=new)
     with plan_applied(model, sparse_plan(model), backend="cpu"):

@@ -198,6 +198,34 @@ def test_routed_experts_equal_direct_computation():
     torch.testing.assert_close(seen["mlp"], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_top2_lora_experts_of_unequal_weight_equal_direct_computation():
+    """MoE-LoRA's layer (four rank-3 experts on v, top-2 of a softmax): every token's v output is the base plus the
+    two chosen experts' updates, weighted by their renormalised probabilities; the other two contribute nothing."""
+    model = tiny("llama")
+    comp = Composition((ExpertSpec("lora", 3, alpha=4.5, targets=("v",), count=4),), RouterSpec("topk", top_k=2))
+    adapters = attach_adapters(model, comp, seed=3)
+    perturb(adapters, scale=0.5)
+    layer, la = decoder_layers(model)[0], adapters.layers["0"]
+    seen = {}
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, out: seen.update(x=out.detach().double())),
+             layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: seen.update(v=out.detach().double()))]
+    with torch.no_grad():
+        model(token_ids())
+    for h in hooks:
+        h.remove()
+    x = seen["x"]  # (B, T, hidden)
+    p = torch.softmax(x @ la.router.head.weight.detach().double().T, dim=-1)  # (B, T, 4)
+    top, index = p.topk(2, dim=-1)
+    w = torch.zeros_like(p).scatter(-1, index, top / top.sum(-1, keepdim=True))
+    assert ((w > 0).sum(-1) == 2).all()
+    v = x @ layer.self_attn.v_proj.base_layer.weight.detach().double().T
+    for e in range(4):
+        lora = la.experts[e]["v"]
+        a, b = lora.A.weight.detach().double(), lora.B.weight.detach().double()
+        v = v + w[..., e:e + 1] * (x @ a.T @ b.T) * 1.5
+    torch.testing.assert_close(seen["v"], v, atol=1e-5, rtol=1e-5)
+
+
 def test_parallel_adapter_output_added_to_mlp():
     model = tiny("qwen2")
     adapters = attach_adapters(model, Composition((ExpertSpec("parallel", 5, count=2),), RouterSpec("soft")), seed=2)

@@ -98,6 +98,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "adapters.batch_size": ("0",),
     "adapters.max_new_tokens": ("0",),
     "adapters.latency_prompts": ("0",),
+    "adapters.plan_training": ("sometimes",),
     "adapters.latency_rounds": ("0", "abc"),
     "adapters.weight_decay": ("-1", "abc"),
     "adapters.warmup_ratio": ("1", "-0.5"),

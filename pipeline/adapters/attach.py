@@ -79,6 +79,8 @@ class AdaptedLinear(nn.Module):
         self.scale_input = scale_input
         self._experts = list(experts)
         self._routing = routing
+        lora = [(e, m) for e, m in self._experts if isinstance(m, LoRAExpert)]
+        self._lora = _RoutedLoRA(lora) if lora else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -100,17 +102,40 @@ class AdaptedLinear(nn.Module):
         """``bias=False`` drops the base bias (the prompt path uses ``o_proj`` as a linear map)."""
         w = self._routing.weights_for(x, self.name)  # (B, T, E)
         ia3 = [(e, m) for e, m in self._experts if isinstance(m, IA3Expert)]
-        lora = [(e, m) for e, m in self._experts if not isinstance(m, IA3Expert)]
         x_in = x
         if ia3 and self.scale_input:
             x_in = x + sum(w[..., e:e + 1] * m(x) for e, m in ia3).to(x.dtype)
         y = F.linear(x_in, self.base_layer.weight, self.base_layer.bias if bias else None)
         delta = [w[..., e:e + 1] * m(y) for e, m in ia3] if ia3 and not self.scale_input else []
-        delta += [w[..., e:e + 1] * m(x) for e, m in lora]
+        if self._lora is not None:
+            delta.append(self._lora(x, w))
         return y + sum(delta).to(y.dtype) if delta else y
 
     def extra_repr(self) -> str:
         return f"{self.name}, experts={[e for e, _ in self._experts]}, scale_input={self.scale_input}"
+
+
+class _RoutedLoRA:
+    """``sum_e w_e * B_e(A_e(x)) * scaling_e`` over one projection's LoRA experts, as two matmuls over their stacked
+    ranks rather than two per expert (a MoE-LoRA layer holds eight): ``A = [A_1; ...; A_E]`` ``[R, in]``,
+    ``B = [B_1 ... B_E]`` ``[out, R]`` and a per-rank gate ``w_e * scaling_e``. Experts whose dropout is active
+    take the per-expert path, each with its own mask."""
+
+    def __init__(self, lora: list[tuple[int, LoRAExpert]]):
+        self.experts = lora
+        ranks = torch.tensor([m.A.out_features for _, m in lora])
+        self.router_index = torch.repeat_interleave(torch.tensor([e for e, _ in lora]), ranks)  # (R,)
+        self.scaling = torch.repeat_interleave(torch.tensor([float(m.scaling) for _, m in lora]), ranks)  # (R,)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x (B, T, in), w (B, T, E) -> (B, T, out)
+        if any(m.training and not isinstance(m.dropout, nn.Identity) for _, m in self.experts):
+            return sum(w[..., e:e + 1] * m(x) for e, m in self.experts)
+        a = torch.cat([m.A.weight for _, m in self.experts])  # (R, in)
+        b = torch.cat([m.B.weight for _, m in self.experts], dim=1)  # (out, R)
+        index, scaling = self.router_index.to(w.device), self.scaling.to(w.device)
+        gate = w.index_select(-1, index) * scaling  # (B, T, R)
+        h = F.linear(x.to(a.dtype), a)  # (B, T, R)
+        return F.linear(h * gate.to(h.dtype), b)
 
 
 class LayerAdapters(nn.Module):

@@ -335,13 +335,15 @@ def _lora_params_per_rank(settings, model) -> int:
 
 
 def _with_plan(harness: _Harness, plan, best) -> list[dict]:
-    """The base model and the most accurate Pareto composition, trained and scored with the plan applied."""
+    """The base model and the most accurate Pareto composition scored with the plan applied: its dense-trained
+    adapters, and with ``adapters.plan_training`` the composition retrained under the plan."""
     rows = [harness.cached("base+plan", lambda: harness.measure("base+plan", "baseline", None, plan=plan))]
     if best is not None:
         composition = composition_from_dict(best.user_attrs["composition"])
         dense, name = f"trial_{best.number}", f"trial_{best.number}+plan"
-        rows.append(harness.cached(name, lambda: harness.measure(name, "pareto", composition, lr=best.params["lr"],
-                                                                plan=plan)))
+        if harness.settings.plan_training:
+            rows.append(harness.cached(name, lambda: harness.measure(name, "pareto", composition,
+                                                                    lr=best.params["lr"], plan=plan)))
         if harness.ctx.artifacts.adapter_weights(dense).is_dir():  # a trial run by another machine's worker: not here
             scored = f"{dense}@plan"  # the adapters trained on dense attention, scored under the plan
             rows.append(harness.cached(scored, lambda: harness.measure(scored, "pareto", composition, plan=plan,
