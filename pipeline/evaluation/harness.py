@@ -71,21 +71,33 @@ def heldout_text(tokenizer, length: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor([ids[:length]]), "loss_mask": mask, "lengths": torch.tensor([length])}
 
 
+WARM_UP_TOKENS = 256
+"""Prompt tokens of the untimed generation that warms the cache and decode path up before the timed ones."""
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    generations: dict[str, list[Generation]]
+    """Per task, the greedy generation of every item."""
+    ppl: float
+    """Perplexity on the held-out text."""
+
+
 def run_method(model, tokenizer, method: Method, items: dict[str, list], eos_ids: set[int], max_new_tokens: int,
-               *, backend: str, dense: dict[str, list[Generation]] | None = None) -> dict[str, list[Generation]]:
-    """Greedy generations of ``method`` for every item (after one untimed warm-up generation); given ``dense``'s
-    generations, each also carries the teacher-forced logits of dense's response (for ``kl_dense``)."""
+               *, text: dict[str, torch.Tensor], backend: str,
+               dense: dict[str, list[Generation]] | None = None) -> MethodRun:
+    """``method``'s perplexity on the held-out ``text`` (see :func:`heldout_text`), then its greedy generations of
+    every item; given ``dense``'s generations, each also carries the teacher-forced logits of dense's response (for
+    ``kl_dense``). The perplexity pass, a forward at the evaluated length, comes first and untimed, so it also warms
+    the method's prefill up; a short untimed generation warms up its cache and decode steps."""
     with _attention(model, method, backend):
+        ppl = perplexity(model, text["input_ids"], text["loss_mask"], text["lengths"])
         warm = next(iter(items.values()))[0]
-        timed_greedy(model, chat_ids(tokenizer, warm.prompt), 2, eos_ids)
-        return {task: [timed_greedy(model, chat_ids(tokenizer, item.prompt), max_new_tokens, eos_ids,
-                                    reference=None if dense is None else dense[task][i].response_ids)
-                       for i, item in enumerate(task_items)] for task, task_items in items.items()}
-
-
-def method_perplexity(model, method: Method, text: dict[str, torch.Tensor], *, backend: str) -> float:
-    with _attention(model, method, backend):
-        return perplexity(model, text["input_ids"], text["loss_mask"], text["lengths"])
+        timed_greedy(model, chat_ids(tokenizer, warm.prompt)[-WARM_UP_TOKENS:], 2, eos_ids)
+        generations = {task: [timed_greedy(model, chat_ids(tokenizer, item.prompt), max_new_tokens, eos_ids,
+                                           reference=None if dense is None else dense[task][i].response_ids)
+                              for i, item in enumerate(task_items)] for task, task_items in items.items()}
+    return MethodRun(generations, ppl)
 
 
 def result_rows(model, tokenizer, method: Method, length: int, items: dict[str, list],

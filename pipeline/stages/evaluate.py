@@ -25,7 +25,6 @@ from pipeline.evaluation.harness import (
     Method,
     eval_items,
     heldout_text,
-    method_perplexity,
     result_rows,
     run_method,
 )
@@ -66,15 +65,15 @@ def run_evaluate(ctx):
             raise UserError(f"evaluate.lengths: {length} is too short ({err})") from None
         text = heldout_text(tokenizer, length, settings.seed)
         generate = partial(run_method, model, tokenizer, items=items, eos_ids=eos_ids,
-                           max_new_tokens=settings.max_new_tokens, backend=settings.backend)
-        dense = generate(methods[0])  # every other method is compared with dense's own answers
+                           max_new_tokens=settings.max_new_tokens, text=text, backend=settings.backend)
+        dense_run = generate(methods[0])
+        dense = dense_run.generations  # every other method is compared with dense's own answers
         for method in ctx.progress(methods, desc=f"methods N={length}", leave=False):
             if cells[method].is_file():
                 rows += json.loads(cells[method].read_text())
                 continue
-            generations = dense if method is methods[0] else generate(method, dense=dense)
-            ppl = method_perplexity(model, method, text, backend=settings.backend)
-            cell = result_rows(model, tokenizer, method, length, items, generations, dense, ppl,
+            run = dense_run if method is methods[0] else generate(method, dense=dense)
+            cell = result_rows(model, tokenizer, method, length, items, run.generations, dense, run.ppl,
                                backend=settings.backend)
             io.write_json(cells[method], cell)
             rows += cell
