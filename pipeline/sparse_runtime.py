@@ -9,6 +9,7 @@ Attention modules are found model-agnostically: the modules carrying ``layer_idx
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -74,6 +75,11 @@ def plan_applied(model: torch.nn.Module, plan: Plan, **kwargs) -> Iterator[Plan]
     finally:
         if hasattr(model, _PREVIOUS):  # apply_plan may have failed before attaching anything
             remove_plan(model)
+
+
+def plan_applied_if(model: torch.nn.Module, plan: Plan | None, **kwargs):
+    """:func:`plan_applied` for the block, or nothing (the model's own attention) when ``plan`` is ``None``."""
+    return contextlib.nullcontext() if plan is None else plan_applied(model, plan, **kwargs)
 
 
 def make_cache(model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, batch_size: int = 1) -> PerHeadKVCache:

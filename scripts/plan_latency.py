@@ -14,7 +14,6 @@ Results go to ``<run_dir>/latency/plan_latency.csv`` and to the MLflow experimen
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipeline.models import load_model
 from pipeline.plan import load_plan, plan_attention_density, plan_kv_density
 from pipeline.run import compose
 from pipeline.settings import budget_label, check_all
-from pipeline.sparse_runtime import plan_applied
+from pipeline.sparse_runtime import plan_applied_if
 from pipeline.tracking import Tracker, default_uri
 
 EXPERIMENT = "moa-autotune-latency"
@@ -47,7 +46,7 @@ def measure(model, plans: dict[str, object], n: int, new: int, rounds: int, seed
     for round_ in range(rounds + 1):  # round 0 is untimed: first-use costs
         for name in prefill:
             plan = plans.get(name)
-            with plan_applied(model, plan, backend="auto") if plan is not None else contextlib.nullcontext():
+            with plan_applied_if(model, plan, backend="auto"):
                 gen = timed_greedy(model, prompt, new, set())
             if round_:
                 prefill[name].append(gen.prefill_ms)

@@ -18,7 +18,6 @@ shows in these ratios; ``stage=benchmark`` times kernels side by side in interle
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pipeline.evaluation.perplexity import perplexity
 from pipeline.evaluation.scoring import agreement, is_correct, kl_from_dense, wilson_interval
 from pipeline.evaluation.tasks import make_eval_item
 from pipeline.plan import Plan, plan_attention_density, plan_kv_density
-from pipeline.sparse_runtime import plan_applied
+from pipeline.sparse_runtime import plan_applied_if
 
 PPL_SPLIT = "evaluation-text"
 
@@ -157,4 +156,4 @@ def _median_finite(values) -> float:
 
 def _attention(model, method: Method, backend: str):
     """Dense attention, or the method's plan applied for the length of the block."""
-    return contextlib.nullcontext() if method.plan is None else plan_applied(model, method.plan, backend=backend)
+    return plan_applied_if(model, method.plan, backend=backend)

@@ -10,7 +10,6 @@ Every method goes through the same three steps, with or without a sparse plan ap
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pipeline.adapters.inference import accuracy, generation_latency_ms
 from pipeline.adapters.tasks import is_correct, make_examples
 from pipeline.adapters.training import encode, train
 from pipeline.evaluation.scoring import wilson_interval
-from pipeline.sparse_runtime import plan_applied
+from pipeline.sparse_runtime import plan_applied_if
 
 EVAL_BATCH = 16  # greedy decoding batches prompts of equal token length, up to this many
 
@@ -57,11 +56,6 @@ def task_data(tokenizer, settings) -> TaskData:
 
     return TaskData(train=encode(tokenizer, split("train", settings.train_examples)),
                     val=split("val", settings.val_examples), test=split("test", settings.test_examples))
-
-
-def maybe_plan(model, plan, backend: str):
-    """``plan`` applied for the block, or nothing when ``plan`` is ``None``."""
-    return plan_applied(model, plan, backend=backend) if plan is not None else contextlib.nullcontext()
 
 
 def fit(model, composition, data: TaskData, settings, *, lr: float, seed: int,
@@ -111,7 +105,7 @@ def latency_overhead(model, tokenizer, examples: list, settings, *, plan=None, b
     for _ in range(settings.latency_rounds):
         with adapters_detached(model):
             base = timed()
-        with maybe_plan(model, plan, backend):
+        with plan_applied_if(model, plan, backend=backend):
             ours = timed()
         ratios.append(ours / base)
     return statistics.median(ratios) - 1.0

@@ -57,6 +57,7 @@ from pipeline.search.study import (
     pareto_numbers,
 )
 from pipeline.settings import budget_label
+from pipeline.sparse_runtime import plan_applied_if
 from pipeline.stages.registry import stage
 from pipeline.tracking import Tracker
 
@@ -147,7 +148,7 @@ class _Harness:
                             **({"composition": json.dumps(composition.to_dict())} if composition else {})})
             params, train_s, stats = 0, 0.0, {}
             try:
-                with fitting.maybe_plan(model, plan, s.backend):
+                with plan_applied_if(model, plan, backend=s.backend):
                     if trained is not None:
                         adapter_set = load_adapters(model, self.ctx.artifacts.adapter_weights(trained),
                                                     base_fingerprint=self.ctx.load_model().info.fingerprint)
