@@ -198,13 +198,9 @@ def test_routed_experts_equal_direct_computation():
     torch.testing.assert_close(seen["mlp"], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_top2_lora_experts_of_unequal_weight_equal_direct_computation():
-    """MoE-LoRA's layer (four rank-3 experts on v, top-2 of a softmax): every token's v output is the base plus the
-    two chosen experts' updates, weighted by their renormalised probabilities; the other two contribute nothing."""
-    model = tiny("llama")
-    comp = Composition((ExpertSpec("lora", 3, alpha=4.5, targets=("v",), count=4),), RouterSpec("topk", top_k=2))
-    adapters = attach_adapters(model, comp, seed=3)
-    perturb(adapters, scale=0.5)
+def _moe_lora_v_matches_direct_computation(model, adapters) -> None:
+    """One no-grad forward: layer 0's v output equals the base plus the top-2 experts' updates, computed in float64
+    from the current parameters (four rank-3 experts, alpha 4.5: scaling 1.5)."""
     layer, la = decoder_layers(model)[0], adapters.layers["0"]
     seen = {}
     hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, out: seen.update(x=out.detach().double())),
@@ -224,6 +220,31 @@ def test_top2_lora_experts_of_unequal_weight_equal_direct_computation():
         a, b = lora.A.weight.detach().double(), lora.B.weight.detach().double()
         v = v + w[..., e:e + 1] * (x @ a.T @ b.T) * 1.5
     torch.testing.assert_close(seen["v"], v, atol=1e-5, rtol=1e-5)
+
+
+def _moe_lora_on_v(seed: int = 3):
+    model = tiny("llama")
+    comp = Composition((ExpertSpec("lora", 3, alpha=4.5, targets=("v",), count=4),), RouterSpec("topk", top_k=2))
+    adapters = attach_adapters(model, comp, seed=seed)
+    perturb(adapters, scale=0.5)
+    return model, adapters
+
+
+def test_top2_lora_experts_of_unequal_weight_equal_direct_computation():
+    """MoE-LoRA's layer (four rank-3 experts on v, top-2 of a softmax): every token's v output is the base plus the
+    two chosen experts' updates, weighted by their renormalised probabilities; the other two contribute nothing."""
+    _moe_lora_v_matches_direct_computation(*_moe_lora_on_v())
+
+
+def test_stacked_lora_weights_follow_in_place_updates():
+    """Decoding reuses the experts' stacked weights between forwards; an in-place update of one expert's weights
+    (what an optimiser step or load_state_dict does) must show in the next forward."""
+    model, adapters = _moe_lora_on_v()
+    _moe_lora_v_matches_direct_computation(model, adapters)
+    with torch.no_grad():
+        adapters.layers["0"].experts[1]["v"].B.weight.add_(0.7)
+        adapters.layers["0"].experts[2]["v"].A.weight.mul_(-2.0)
+    _moe_lora_v_matches_direct_computation(model, adapters)
 
 
 def test_parallel_adapter_output_added_to_mlp():

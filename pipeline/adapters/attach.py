@@ -119,23 +119,43 @@ class _RoutedLoRA:
     """``sum_e w_e * B_e(A_e(x)) * scaling_e`` over one projection's LoRA experts, as two matmuls over their stacked
     ranks rather than two per expert (a MoE-LoRA layer holds eight): ``A = [A_1; ...; A_E]`` ``[R, in]``,
     ``B = [B_1 ... B_E]`` ``[out, R]`` and a per-rank gate ``w_e * scaling_e``. Experts whose dropout is active
-    take the per-expert path, each with its own mask."""
+    take the per-expert path, each with its own mask.
+
+    Without autograd (scoring, decoding) the stacked weights are kept between calls and rebuilt only when a weight
+    changes: every in-place update (an optimiser step, ``load_state_dict``) bumps the tensor's version counter,
+    and the cache is keyed on those counters. With autograd the stack is rebuilt on every call, so gradients reach
+    each expert's own weights."""
 
     def __init__(self, lora: list[tuple[int, LoRAExpert]]):
         self.experts = lora
         ranks = torch.tensor([m.A.out_features for _, m in lora])
         self.router_index = torch.repeat_interleave(torch.tensor([e for e, _ in lora]), ranks)  # (R,)
         self.scaling = torch.repeat_interleave(torch.tensor([float(m.scaling) for _, m in lora]), ranks)  # (R,)
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x (B, T, in), w (B, T, E) -> (B, T, out)
         if any(m.training and not isinstance(m.dropout, nn.Identity) for _, m in self.experts):
             return sum(w[..., e:e + 1] * m(x) for e, m in self.experts)
-        a = torch.cat([m.A.weight for _, m in self.experts])  # (R, in)
-        b = torch.cat([m.B.weight for _, m in self.experts], dim=1)  # (out, R)
+        a, b = self._stacked_weights()  # (R, in), (out, R)
         index, scaling = self.router_index.to(w.device), self.scaling.to(w.device)
         gate = w.index_select(-1, index) * scaling  # (B, T, R)
         h = F.linear(x.to(a.dtype), a)  # (B, T, R)
         return F.linear(h * gate.to(h.dtype), b)
+
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = [t for _, m in self.experts for t in (m.A.weight, m.B.weight)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
+            self._stacked = None
+            return self._stack()
+        key = tuple((t.data_ptr(), t._version) for t in weights)
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, *self._stack())
+        return self._stacked[1], self._stacked[2]
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.cat([m.A.weight for _, m in self.experts])  # (R, in)
+        b = torch.cat([m.B.weight for _, m in self.experts], dim=1)  # (out, R)
+        return a, b
 
 
 class LayerAdapters(nn.Module):
