@@ -152,8 +152,9 @@ class RunArtifacts:
             raise ArtifactError(f"missing calibration records {path}: run stage=calibrate first")
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def load_influence(self, n: int, block_size: int):
-        """``influence [L, H, nb, nb]`` float32 at length ``n`` and the file's metadata, checked for shape."""
+    def load_influence(self, n: int, block_size: int, tensor: str = "influence"):
+        """Tensor ``tensor`` (``influence`` or ``net_influence``) ``[L, H, nb, nb]`` float32 at length ``n`` and the
+        file's metadata, checked for shape."""
         from safetensors import safe_open
 
         path = self.influence(n)
@@ -161,9 +162,9 @@ class RunArtifacts:
             raise ArtifactError(f"missing influence file {path} for profile length {n}: run stage=profile first")
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-            if "influence" not in handle.keys():
-                raise ArtifactError(f"{path} holds no tensor 'influence': re-run stage=profile")
-            influence = handle.get_tensor("influence")
+            if tensor not in handle.keys():
+                raise ArtifactError(f"{path} holds no tensor {tensor!r}: re-run stage=profile")
+            influence = handle.get_tensor(tensor)
         if meta.get("block_size") not in (None, str(block_size)):
             raise ArtifactError(f"{path} was profiled with block size {meta['block_size']}, "
                                 f"but sparse.block_size={block_size}: re-run stage=profile")

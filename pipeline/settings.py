@@ -389,6 +389,8 @@ class RulesSettings:
     local_beta: float
     lengths: tuple[int, ...]
     """The sorted profile lengths the grid was checked against."""
+    influence: str = "net"
+    """``net``: the loss table sums the profile's signed block influence, clamped at 0; ``abs``: its absolute one."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RulesSettings:
@@ -404,6 +406,7 @@ class RulesSettings:
             report_coverage=report,
             local_beta=_number("rules.local_beta", read("local_beta"), lambda x: 0 <= x <= 1, "a number in [0, 1]"),
             lengths=profile_lengths(cfg),
+            influence=_choice("rules.influence", read("influence"), ("net", "abs")),
         )
         settings.check_grid(SparseSettings.from_cfg(cfg))
         return settings

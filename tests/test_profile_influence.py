@@ -11,12 +11,14 @@ from scipy.stats import spearmanr
 
 from pipeline.profile import (
     attention_influence,
+    attention_influences,
     entry_influence,
     naive_attention_influence,
     naive_token_influence,
     token_influence,
 )
 from pipeline.profile.hooks import attention_implementation
+from pipeline.profile.influence import group_heads
 from pipeline.profile.loss import response_loss
 
 _MODELS = {}
@@ -57,6 +59,24 @@ def test_blockwise_matches_full_matrix(arch, n, block, granularity):
     assert got.shape == want.shape == (2, heads, nb, nb)
     assert close(got, want)
     assert torch.equal(got.triu(1), torch.zeros_like(got))  # no influence from future key blocks
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "head"])
+def test_net_block_sums_match_signed_full_matrix(granularity):
+    """The net influence is the signed sum of the full-matrix oracle's E over each block (rows and columns), and
+    the absolute influence from the same pass is still the contract's sum of |E|."""
+    model = tiny64()
+    n, block = 45, 16
+    ids, mask = sample(n, seed=3)
+    absolute, net = attention_influences(model, ids, mask, block, granularity, dtype=torch.float64)
+    token, _ = naive_token_influence(model, ids, mask)  # (L, Hq, n, n), signed
+    nb = math.ceil(n / block)
+    padded = torch.nn.functional.pad(token, (0, nb * block - n, 0, nb * block - n))
+    blocks = padded.unflatten(-1, (nb, block)).unflatten(-3, (nb, block)).sum((-4, -1))  # (L, Hq, nb, nb)
+    want = group_heads(blocks, 2, granularity)
+    assert (want < 0).any()  # the oracle has blocks of net negative influence: signed and absolute sums differ
+    assert close(net, want)
+    assert close(absolute, naive_attention_influence(model, ids, mask, block, granularity))
 
 
 def test_token_level_matches_full_matrix_and_row_zero_is_zero():

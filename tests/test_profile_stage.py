@@ -16,7 +16,7 @@ import pipeline.stages.profile as profile_stage
 from pipeline.artifacts import ArtifactError
 from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.profile import attention_influence
+from pipeline.profile import attention_influences
 from pipeline.run import compose
 from pipeline.settings import check_all
 
@@ -67,24 +67,25 @@ def make_ctx(cfg, run_dir, loaded, force=False):
     return ctx
 
 
-def direct_mean(model, tensors, n, usable):
-    """Oracle: the public API per usable sample at its real length, zero-padded to ``n`` and averaged."""
+def direct_mean(model, tensors, n, usable, which: int = 0):
+    """Oracle: the public API per usable sample at its real length, zero-padded to ``n`` and averaged (``which``:
+    0 the absolute, 1 the net influence)."""
     nb = math.ceil(n / BLOCK)
     total = torch.zeros(2, 2, nb, nb, dtype=torch.float64)
     for s in usable:
         real = int(tensors["lengths"][s])
-        one = attention_influence(model, tensors["input_ids"][s, :real], tensors["loss_mask"][s, :real], BLOCK)
+        one = attention_influences(model, tensors["input_ids"][s, :real], tensors["loss_mask"][s, :real], BLOCK)[which]
         total[..., : one.shape[-2], : one.shape[-1]] += one.double()
     return (total / len(usable)).float()
 
 
 def counting_influence(calls: list, fail_at: int | None = None):
-    """``attention_influence`` that records each call and raises on call number ``fail_at``."""
+    """``attention_influences`` that records each call and raises on call number ``fail_at``."""
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == fail_at:
             raise RuntimeError("interrupted")
-        return attention_influence(*args, **kwargs)
+        return attention_influences(*args, **kwargs)
     return wrapped
 
 
@@ -100,6 +101,8 @@ def test_profile_averages_samples_and_writes_artifacts(tmp_path, loaded):
     got = load_file(path)["influence"]
     assert got.dtype == torch.float32 and got.shape == (2, 2, 3, 3)
     torch.testing.assert_close(got, direct_mean(loaded.model, tensors, 40, [0, 1, 2]), rtol=1e-6, atol=0)
+    net = load_file(path)["net_influence"]
+    torch.testing.assert_close(net, direct_mean(loaded.model, tensors, 40, [0, 1, 2], which=1), rtol=1e-6, atol=1e-9)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["fingerprint"] == "tiny-fp" and meta["block_size"] == str(BLOCK)
@@ -121,7 +124,7 @@ def test_interrupted_profile_resumes_to_the_same_result(tmp_path, loaded, monkey
     profile_stage.run_profile(make_ctx(cfg, tmp_path / "fresh", loaded))
 
     calls = []
-    monkeypatch.setattr(profile_stage, "attention_influence", counting_influence(calls, fail_at=3))
+    monkeypatch.setattr(profile_stage, "attention_influences", counting_influence(calls, fail_at=3))
     with pytest.raises(RuntimeError, match="interrupted"):
         profile_stage.run_profile(make_ctx(cfg, tmp_path / "broken", loaded))
     partial = tmp_path / "broken" / "profile" / ".partial" / "test" / "partial_40.safetensors"
@@ -129,12 +132,15 @@ def test_interrupted_profile_resumes_to_the_same_result(tmp_path, loaded, monkey
         assert f.metadata()["next"] == "2"  # the first batch of two samples was kept
 
     calls = []
-    monkeypatch.setattr(profile_stage, "attention_influence", counting_influence(calls))
+    monkeypatch.setattr(profile_stage, "attention_influences", counting_influence(calls))
     profile_stage.run_profile(make_ctx(cfg, tmp_path / "broken", loaded))
     assert len(calls) == 3  # only samples 2, 3, 4 were recomputed
     fresh = load_file(tmp_path / "fresh" / "profile" / "influence_40.safetensors")["influence"]
     resumed = load_file(tmp_path / "broken" / "profile" / "influence_40.safetensors")["influence"]
     assert torch.equal(fresh, resumed)
+    fresh_net = load_file(tmp_path / "fresh" / "profile" / "influence_40.safetensors")["net_influence"]
+    resumed_net = load_file(tmp_path / "broken" / "profile" / "influence_40.safetensors")["net_influence"]
+    assert torch.equal(fresh_net, resumed_net)
 
 
 def test_finished_lengths_are_skipped_unless_inputs_change_or_forced(tmp_path, loaded, monkeypatch):
@@ -142,7 +148,7 @@ def test_finished_lengths_are_skipped_unless_inputs_change_or_forced(tmp_path, l
     cfg = make_cfg([24])
     profile_stage.run_profile(make_ctx(cfg, tmp_path, loaded))
     calls = []
-    monkeypatch.setattr(profile_stage, "attention_influence", counting_influence(calls))
+    monkeypatch.setattr(profile_stage, "attention_influences", counting_influence(calls))
     profile_stage.run_profile(make_ctx(cfg, tmp_path, loaded))
     assert calls == []
     profile_stage.run_profile(make_ctx(cfg, tmp_path, loaded, force=True))

@@ -23,30 +23,51 @@ LENGTHS = (768, 1536)
 BLOCK, SINK, MIN_SPAN = 64, 64, 64
 
 
-def fake_profile(run_dir, lengths=LENGTHS, seed=0) -> dict[int, torch.Tensor]:
-    """Synthetic influence for the tiny model (2 layers x 2 KV heads) and a profile stage marked done."""
+def fake_profile(run_dir, lengths=LENGTHS, seed=0) -> dict[str, dict[int, torch.Tensor]]:
+    """Synthetic influence for the tiny model (2 layers x 2 KV heads) and a profile stage marked done: per tensor
+    name (``influence``, ``net_influence``, the latter with negative blocks) and length, what the file holds."""
     torch.manual_seed(seed)
     cfg = compose(["model=tiny", f"run_dir={run_dir}", f"calibration.lengths=[{','.join(map(str, lengths))}]"])
-    influence = {}
+    influence, net = {}, {}
     for n in lengths:
         nb = math.ceil(n / BLOCK)
         d = (torch.arange(nb).view(nb, 1) - torch.arange(nb).view(1, nb)).float()
         reach = torch.tensor([[1.0, 0.2 * nb], [3.0, 0.5 * nb]]).view(2, 2, 1, 1)  # local and elastic heads
         influence[n] = (torch.exp(-d.clamp(min=0) / reach) * torch.rand(2, 2, nb, nb)).tril()
-        io.save_tensors(run_dir / "profile" / f"influence_{n}.safetensors", {"influence": influence[n]},
+        net[n] = (influence[n] * (1.2 * torch.rand(2, 2, nb, nb) - 0.4)).tril()  # about a third of blocks < 0
+        io.save_tensors(run_dir / "profile" / f"influence_{n}.safetensors",
+                        {"influence": influence[n], "net_influence": net[n]},
                         metadata={"block_size": str(BLOCK), "length": str(n)})
     io.write_json(run_dir / "profile" / "summary.json", {})
     stages = registered()
     write_marker(run_dir, stages["profile"], stage_hash(cfg, "profile", stages), stages)
-    return influence
+    return {"influence": influence, "net_influence": net}
 
 
 def overrides(lengths=LENGTHS):
     return [f"calibration.lengths=[{','.join(map(str, lengths))}]"]
 
 
+@pytest.mark.parametrize("kind", ["abs", "net"])
+def test_loss_table_sums_the_chosen_influence(tmp_path, kind):
+    """rules.influence=abs scores rules on the absolute block influence as stored; net (the default) on the signed
+    one with its negative blocks counted as 0."""
+    tensors = fake_profile(tmp_path)
+    extra = [] if kind == "net" else ["rules.influence=abs"]
+    assert run_stage(tmp_path, "stage=rules", *overrides(), *extra) == {"rules": "ran"}
+    table = pd.read_parquet(tmp_path / "rules" / "loss_table.parquet")
+    rules = table["rule"].nunique()
+    for n in LENGTHS:
+        blocks = tensors["influence"][n] if kind == "abs" else tensors["net_influence"][n].clamp(min=0)
+        rows = table[table["length"] == n].sort_values(["layer", "head", "rule"])
+        per_rule = rows.drop_duplicates("rule")
+        spans = spans_at(per_rule["alpha"].to_numpy(copy=True), per_rule["beta"].to_numpy(copy=True), n, MIN_SPAN)
+        want = BlockInfluence.from_blocks(blocks, n, BLOCK, SINK).loss_per_rule(spans)
+        np.testing.assert_allclose(rows["loss"].to_numpy().reshape(2, 2, rules), want.numpy(), rtol=1e-6)
+
+
 def test_rules_then_optimize_write_consistent_tables_and_plans(tmp_path):
-    influence = fake_profile(tmp_path)
+    influence = {n: net.clamp(min=0) for n, net in fake_profile(tmp_path)["net_influence"].items()}
     assert run_stage(tmp_path, "stage=rules", *overrides()) == {"rules": "ran"}
     table = pd.read_parquet(tmp_path / "rules" / "loss_table.parquet")
     assert list(table.columns) == ["layer", "head", "rule", "alpha", "beta", "length", "loss", "kv_density",

@@ -57,6 +57,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "rules.coverages": ("0.9", "[]", "[0.9,1.5]"),
     "rules.report_coverage": ("0.5", "2"),
     "rules.local_beta": ("-0.1", "abc"),
+    "rules.influence": ("signed", "1"),
     "optimize.density_budget": ("2", "0", "abc", "true", "[]", ("[0.5,2]", "[1]: bad value 2"), "[0.5,0.5]", "{768: 0.5}", ("[{768: 0.5, 1536: 2}]", "[0][1536]: bad value 2"),
                                 "{768: 0.5, 1536: 0.5, 3072: 0.5}"),
     "optimize.lower_bound_ratio": ("0", "1.5"),

@@ -12,6 +12,14 @@ Nothing ``N x N`` is stored across layers: one forward+backward pass stashes ``q
 (:mod:`pipeline.profile.hooks`); then, per layer and per query block of ``b`` rows, ``A`` is recomputed from
 ``q k^T`` over the causal keys only, ``G_ij = dO_i . v_j`` and ``D_i = dO_i . O_i``. The largest temporary is
 one ``[Hq, b, N]`` block row.
+
+Two block sums come out of the same pass:
+
+- ``influence``, the contract's sum of ``|E_ij|`` over each block: how much attention value moves there at all;
+- ``net``, the signed sum of ``E_ij``: to first order, the loss change from masking the whole block at once,
+  which is what a rule does. Per-entry changes of opposite sign cancel in it. Summed over the hundreds of context
+  rows of a long sample, ``|E|`` is dominated by such cancelling terms (on SmolLM2 the net mass is 30-100x
+  smaller), so the net sums are the better estimate of what a rule loses; ``stage=rules`` uses them by default.
 """
 
 from __future__ import annotations
@@ -85,15 +93,23 @@ def group_heads(per_query_head: torch.Tensor, num_kv_heads: int, granularity: st
 
 def layer_influence(stash: LayerStash, block_size: int, dtype=torch.float32) -> torch.Tensor:
     """Block sums of ``|E|`` for one layer, per query head: ``(Hq, nb, nb)``, computed one block row at a time."""
+    return layer_influences(stash, block_size, dtype)[0]
+
+
+def layer_influences(stash: LayerStash, block_size: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block sums of ``|E|`` and of ``E`` for one layer, per query head: two ``(Hq, nb, nb)``, one block row at a
+    time."""
     hq, n, _ = stash.q.shape
     nb = math.ceil(n / block_size)
-    out = torch.zeros(hq, nb, nb, dtype=dtype, device=stash.q.device)
+    absolute = torch.zeros(hq, nb, nb, dtype=dtype, device=stash.q.device)
+    net = torch.zeros_like(absolute)
     for row in range(nb):
         start, stop = row * block_size, min(n, (row + 1) * block_size)
         tile = tile_influence(stash, start, stop, dtype)  # (Hq, m, stop)
         cols = torch.linalg.vector_norm(tile, ord=1, dim=-2)  # (Hq, stop): sum_i |E_ij| in one pass
-        out[:, row, : row + 1] = key_block_sums(cols, block_size)
-    return out
+        absolute[:, row, : row + 1] = key_block_sums(cols, block_size)
+        net[:, row, : row + 1] = key_block_sums(tile.sum(-2), block_size)
+    return absolute, net
 
 
 def attention_influence(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, block_size: int = 64,
@@ -105,14 +121,24 @@ def attention_influence(model, input_ids: torch.Tensor, loss_mask: torch.Tensor,
     ``H`` is the number of KV heads for ``granularity="kv_head"`` (sum over each group's query heads) and of
     query heads for ``"head"``. ``dtype`` is the recomputation precision (float32; float64 in tests).
     """
+    return attention_influences(model, input_ids, loss_mask, block_size, granularity, dtype)[0]
+
+
+def attention_influences(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, block_size: int = 64,
+                         granularity: str = "kv_head", dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_influence` and the signed block sums of ``E_ij`` from the same pass: two
+    ``[L, H, nb, nb]``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     stashes = capture_attention(model, input_ids, loss_mask)
     num_kv_heads = stashes[0].k.shape[0]
-    layers = []
+    absolute, net = [], []
     while stashes:
-        layers.append(layer_influence(stashes.pop(0), block_size, dtype))  # frees each layer's stash when done
-    return group_heads(torch.stack(layers), num_kv_heads, granularity)
+        layer_abs, layer_net = layer_influences(stashes.pop(0), block_size, dtype)  # frees each stash when done
+        absolute.append(layer_abs)
+        net.append(layer_net)
+    return (group_heads(torch.stack(absolute), num_kv_heads, granularity),
+            group_heads(torch.stack(net), num_kv_heads, granularity))
 
 
 def token_influence(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

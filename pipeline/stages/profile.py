@@ -1,7 +1,8 @@
 """stage=profile: average the blockwise attention influence over each profile length's calibration samples.
 
 Per length ``N`` it writes ``profile/influence_<N>.safetensors`` (tensor ``influence`` ``[L, H, nb, nb]``
-float32, ``nb = ceil(N / block_size)``) and a heat-map ``profile/long_range_<N>.png``; ``profile/summary.json``
+float32, ``nb = ceil(N / block_size)``, the mean block sums of ``|E_ij|``; beside it ``net_influence``, the mean
+signed block sums, see :mod:`pipeline.profile.influence`) and a heat-map ``profile/long_range_<N>.png``; ``profile/summary.json``
 comes last. Work is resumable: after every ``profile.checkpoint_every`` samples the running sum, counts and
 elapsed time go to ``profile/.partial/<config hash>/partial_<N>.safetensors``, and a length whose influence file
 exists for the same model fingerprint, block size, granularity, dtype and calibration file (SHA-256) is
@@ -31,13 +32,16 @@ from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, save_tensors, write_json
 from pipeline.profile.figures import long_range_heatmap
-from pipeline.profile.influence import attention_influence
+from pipeline.profile.influence import attention_influences
 from pipeline.profile.loss import loss_targets
 from pipeline.profile.stats import layer_summaries, long_range_fraction
 from pipeline.settings import ProfileSettings
 from pipeline.stages.registry import stage
 
 log = logging.getLogger(__name__)
+
+TENSORS = "influence,net_influence"
+"""What a finished influence file holds (recorded in its metadata: files from before ``net_influence`` are redone)."""
 
 
 
@@ -72,7 +76,7 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
     target = ctx.artifacts.influence(n)
     expected = {"fingerprint": str(info.fingerprint), "block_size": str(settings.block_size),
                 "granularity": settings.granularity, "length": str(n), "dtype": settings.dtype,
-                "calibration_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+                "calibration_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "tensors": TENSORS}
     done = _metadata(target)
     if distributed.broadcast(done is not None and _matches(done, expected)):  # rank 0 decides for every rank
         log.info("profile: %s is up to date, skipping length %d", target, n)
@@ -89,6 +93,7 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
                                       else f"partial_{n}.rank{rank}of{world}.safetensors")
     state = _load_partial(partial_path, shard) or {
         "total": torch.zeros(info.num_layers, heads, nb, nb, dtype=torch.float64),
+        "net": torch.zeros(info.num_layers, heads, nb, nb, dtype=torch.float64),
         "next": rank, "used": 0, "skipped": 0, "seconds": 0.0,
     }
 
@@ -100,11 +105,12 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
     while state["next"] < count:
         start = time.perf_counter()
         for s in range(state["next"], count, world)[: settings.checkpoint_every]:
-            influence = _sample_influence(model, samples, s, info.max_positions, settings, device, source)
-            if influence is None:
+            influences = _sample_influence(model, samples, s, info.max_positions, settings, device, source)
+            if influences is None:
                 state["skipped"] += 1
             else:
-                state["total"][..., : influence.shape[-2], : influence.shape[-1]] += influence.double().cpu()
+                for key, influence in zip(("total", "net"), influences, strict=True):
+                    state[key][..., : influence.shape[-2], : influence.shape[-1]] += influence.double().cpu()
                 state["used"] += 1
             state["next"] = s + world
             bar.update(1)
@@ -113,6 +119,7 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
     bar.close()
 
     total = distributed.all_reduce(state["total"])  # (L, H, nb, nb) float64, summed over ranks
+    net = distributed.all_reduce(state["net"])
     used, skipped = distributed.all_reduce(torch.tensor([state["used"], state["skipped"]])).tolist()
     peaks = [state["seconds"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
     if device.type == "cuda":
@@ -128,15 +135,16 @@ def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | Non
                     "seconds": f"{peaks[0]:.3f}", "peak_rss_mb": f"{peaks[1]:.1f}", "world_size": str(world)}
         if len(peaks) > 2:
             metadata["cuda_max_memory_mb"] = f"{peaks[2]:.1f}"
-        save_tensors(target, {"influence": mean}, metadata=metadata)
+        save_tensors(target, {"influence": mean, "net_influence": (net / used).float()}, metadata=metadata)
     distributed.barrier()  # the influence file is written before any rank drops its partial sums
     partial_path.unlink(missing_ok=True)
     return _length_summary(ctx, mean, metadata, n, settings) if distributed.is_primary() else None
 
 
 def _sample_influence(model, samples: dict, s: int, max_positions: int, settings: ProfileSettings, device,
-                      source: Path) -> torch.Tensor | None:
-    """Influence of sample ``s`` truncated to its real length, or None (with a warning) if it is unusable."""
+                      source: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Absolute and net influence of sample ``s`` truncated to its real length, or None (with a warning) if it is
+    unusable."""
     real = int(samples["lengths"][s])
     if 0 < max_positions < real:
         log.warning("profile: skipping sample %d of %s: %d tokens exceed the model's %d positions",
@@ -149,8 +157,8 @@ def _sample_influence(model, samples: dict, s: int, max_positions: int, settings
     ids = samples["input_ids"][s, :real].to(device)
     # Tail padding is causal-invisible to the real tokens, so the sample is profiled at its real length;
     # blocks past it stay zero.
-    return attention_influence(model, ids, mask.to(device), settings.block_size, settings.granularity,
-                               settings.torch_dtype)
+    return attention_influences(model, ids, mask.to(device), settings.block_size, settings.granularity,
+                                settings.torch_dtype)
 
 
 def _length_summary(ctx, influence: torch.Tensor, metadata: dict[str, str], n: int,
@@ -198,7 +206,8 @@ def _load_partial(path: Path, expected: dict[str, str]) -> dict | None:
         return None
     print(f"[profile] resuming from {path.name}: {metadata['used']} samples done, next is {metadata['next']}",
           flush=True)
-    return {"total": load_file(path)["total"], "next": int(metadata["next"]), "used": int(metadata["used"]),
+    tensors = load_file(path)
+    return {"total": tensors["total"], "net": tensors["net"], "next": int(metadata["next"]), "used": int(metadata["used"]),
             "skipped": int(metadata["skipped"]), "seconds": float(metadata["seconds"])}
 
 
@@ -206,4 +215,4 @@ def _save_partial(path: Path, state: dict, expected: dict[str, str]) -> None:
     """Atomically write the running sum and counters, so an interrupted run resumes after the last batch."""
     metadata = {**expected, "next": str(state["next"]), "used": str(state["used"]),
                 "skipped": str(state["skipped"]), "seconds": repr(state["seconds"])}
-    save_tensors(path, {"total": state["total"]}, metadata=metadata)
+    save_tensors(path, {"total": state["total"], "net": state["net"]}, metadata=metadata)

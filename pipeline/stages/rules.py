@@ -2,7 +2,7 @@
 
 Writes ``rules/loss_table.parquet`` (one row per layer, head, rule and profile length: ``layer, head, rule, alpha,
 beta, length, loss, kv_density, attention_density``; ``loss`` is the influence mass outside the rule's token
-mask, see :mod:`pipeline.rules.loss_table` for how partly kept blocks are apportioned) and
+mask, of the net influence clamped at 0 by default (``rules.influence=abs``: of the absolute one), see :mod:`pipeline.rules.loss_table` for how partly kept blocks are apportioned) and
 ``rules/head_scaling.csv`` (per head and coverage: the needed span at each length and its ``alpha + beta*N`` fit).
 """
 
@@ -19,10 +19,16 @@ from pipeline.rules.loss_table import BlockInfluence, rule_table
 from pipeline.rules.scaling import head_scaling_table
 from pipeline.stages.registry import stage
 
+INFLUENCE_TENSORS = {"net": "net_influence", "abs": "influence"}
+"""``rules.influence`` -> the tensor of ``profile/influence_<N>.safetensors`` the loss table is built from."""
 
-def load_influence(ctx, n: int, block_size: int, sink: int) -> BlockInfluence:
-    """``profile/influence_<n>.safetensors`` reduced to diagonal sums."""
-    influence, _ = ctx.artifacts.load_influence(n, block_size)
+
+def load_influence(ctx, n: int, block_size: int, sink: int, kind: str = "net") -> BlockInfluence:
+    """``profile/influence_<n>.safetensors`` reduced to diagonal sums: the net block sums clamped at 0 (a block
+    whose masking would lower the loss costs nothing), or the absolute ones."""
+    influence, _ = ctx.artifacts.load_influence(n, block_size, INFLUENCE_TENSORS[kind])
+    if kind == "net":
+        influence = influence.clamp(min=0)
     return BlockInfluence.from_blocks(influence, n, block_size, sink)
 
 
@@ -44,7 +50,7 @@ def run_rules(ctx):
 
     frames, needed = [], {c: {} for c in coverages}
     for n in ctx.progress(lengths, desc="rules"):
-        blocks = load_influence(ctx, n, block, sink)
+        blocks = load_influence(ctx, n, block, sink, settings.influence)
         frames.append(rule_table(blocks, alphas, betas, min_span))
         for coverage in coverages:
             needed[coverage][n] = blocks.needed_span(coverage)
