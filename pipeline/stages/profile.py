@@ -2,8 +2,8 @@
 
 Per length ``N`` it writes ``profile/influence_<N>.safetensors`` (tensor ``influence`` ``[L, H, nb, nb]``
 float32, ``nb = ceil(N / block_size)``, the mean block sums of ``|E_ij|``; beside it ``net_influence``, the mean
-signed block sums, see :mod:`pipeline.profile.influence`) and a heat-map ``profile/long_range_<N>.png``; ``profile/summary.json``
-comes last. Work is resumable: after every ``profile.checkpoint_every`` samples the running sum, counts and
+signed block sums, see :mod:`pipeline.profile.influence`) and a heat-map ``profile/long_range_<N>.png``;
+``profile/summary.json`` comes last. Work is resumable: after every ``profile.checkpoint_every`` samples the running sum, counts and
 elapsed time go to ``profile/.partial/<config hash>/partial_<N>.safetensors``, and a length whose influence file
 exists for the same model fingerprint, block size, granularity, dtype and calibration file (SHA-256) is
 skipped. Samples longer than the model's positions, or whose loss mask
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 TENSORS = "influence,net_influence"
 """What a finished influence file holds (recorded in its metadata: files from before ``net_influence`` are redone)."""
-
 
 
 @stage("profile", requires=("calibrate",), config_keys=("sparse", "calibration", "profile"),
@@ -207,8 +206,8 @@ def _load_partial(path: Path, expected: dict[str, str]) -> dict | None:
     print(f"[profile] resuming from {path.name}: {metadata['used']} samples done, next is {metadata['next']}",
           flush=True)
     tensors = load_file(path)
-    return {"total": tensors["total"], "net": tensors["net"], "next": int(metadata["next"]), "used": int(metadata["used"]),
-            "skipped": int(metadata["skipped"]), "seconds": float(metadata["seconds"])}
+    return {"total": tensors["total"], "net": tensors["net"], "next": int(metadata["next"]),
+            "used": int(metadata["used"]), "skipped": int(metadata["skipped"]), "seconds": float(metadata["seconds"])}
 
 
 def _save_partial(path: Path, state: dict, expected: dict[str, str]) -> None:

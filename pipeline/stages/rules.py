@@ -2,7 +2,8 @@
 
 Writes ``rules/loss_table.parquet`` (one row per layer, head, rule and profile length: ``layer, head, rule, alpha,
 beta, length, loss, kv_density, attention_density``; ``loss`` is the influence mass outside the rule's token
-mask, of the net influence clamped at 0 by default (``rules.influence=abs``: of the absolute one), see :mod:`pipeline.rules.loss_table` for how partly kept blocks are apportioned) and
+mask: of the net influence clamped at 0 by default, of the absolute one with ``rules.influence=abs``; see
+:mod:`pipeline.rules.loss_table` for how partly kept blocks are apportioned) and
 ``rules/head_scaling.csv`` (per head and coverage: the needed span at each length and its ``alpha + beta*N`` fit).
 """
 
