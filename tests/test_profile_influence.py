@@ -72,7 +72,7 @@ def test_net_block_sums_match_signed_full_matrix(granularity):
     token, _ = naive_token_influence(model, ids, mask)  # (L, Hq, n, n), signed
     nb = math.ceil(n / block)
     padded = torch.nn.functional.pad(token, (0, nb * block - n, 0, nb * block - n))
-    blocks = padded.unflatten(-1, (nb, block)).unflatten(-3, (nb, block)).sum((-4, -1))  # (L, Hq, nb, nb)
+    blocks = padded.unflatten(-1, (nb, block)).unflatten(-3, (nb, block)).sum((-3, -1))  # (L, Hq, nb, nb)
     want = group_heads(blocks, 2, granularity)
     assert (want < 0).any()  # the oracle has blocks of net negative influence: signed and absolute sums differ
     assert close(net, want)
