@@ -9,9 +9,8 @@ Attention modules are found model-agnostically: the modules carrying ``layer_idx
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -79,7 +78,7 @@ def plan_applied(model: torch.nn.Module, plan: Plan, **kwargs) -> Iterator[Plan]
 
 def plan_applied_if(model: torch.nn.Module, plan: Plan | None, **kwargs):
     """:func:`plan_applied` for the block, or nothing (the model's own attention) when ``plan`` is ``None``."""
-    return contextlib.nullcontext() if plan is None else plan_applied(model, plan, **kwargs)
+    return nullcontext() if plan is None else plan_applied(model, plan, **kwargs)
 
 
 def make_cache(model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, batch_size: int = 1) -> PerHeadKVCache:

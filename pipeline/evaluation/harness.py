@@ -89,7 +89,7 @@ def run_method(model, tokenizer, method: Method, items: dict[str, list], eos_ids
     every item; given ``dense``'s generations, each also carries the teacher-forced logits of dense's response (for
     ``kl_dense``). The perplexity pass, a forward at the evaluated length, comes first and untimed, so it also warms
     the method's prefill up; a short untimed generation warms up its cache and decode steps."""
-    with _attention(model, method, backend):
+    with plan_applied_if(model, method.plan, backend=backend):
         ppl = perplexity(model, text["input_ids"], text["loss_mask"], text["lengths"])
         warm = next(iter(items.values()))[0]
         timed_greedy(model, chat_ids(tokenizer, warm.prompt)[-WARM_UP_TOKENS:], 2, eos_ids)
@@ -134,7 +134,7 @@ def _mean_kl(model, method: Method, gens: list[Generation], refs: list[Generatio
     if method.plan is None:
         return 0.0
     values = []
-    with _attention(model, method, backend):
+    with plan_applied_if(model, method.plan, backend=backend):
         for gen, ref in zip(gens, refs, strict=True):
             logits = gen.reference_logits
             if logits is None:
@@ -153,7 +153,3 @@ def _median_finite(values) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else float("nan")
 
-
-def _attention(model, method: Method, backend: str):
-    """Dense attention, or the method's plan applied for the length of the block."""
-    return plan_applied_if(model, method.plan, backend=backend)

@@ -91,11 +91,6 @@ def group_heads(per_query_head: torch.Tensor, num_kv_heads: int, granularity: st
     return per_query_head.view(layers, num_kv_heads, hq // num_kv_heads, *per_query_head.shape[2:]).sum(2)
 
 
-def layer_influence(stash: LayerStash, block_size: int, dtype=torch.float32) -> torch.Tensor:
-    """Block sums of ``|E|`` for one layer, per query head: ``(Hq, nb, nb)``, computed one block row at a time."""
-    return layer_influences(stash, block_size, dtype)[0]
-
-
 def layer_influences(stash: LayerStash, block_size: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Block sums of ``|E|`` and of ``E`` for one layer, per query head: two ``(Hq, nb, nb)``, one block row at a
     time."""

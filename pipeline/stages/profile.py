@@ -3,11 +3,11 @@
 Per length ``N`` it writes ``profile/influence_<N>.safetensors`` (tensor ``influence`` ``[L, H, nb, nb]``
 float32, ``nb = ceil(N / block_size)``, the mean block sums of ``|E_ij|``; beside it ``net_influence``, the mean
 signed block sums, see :mod:`pipeline.profile.influence`) and a heat-map ``profile/long_range_<N>.png``;
-``profile/summary.json`` comes last. Work is resumable: after every ``profile.checkpoint_every`` samples the running sum, counts and
-elapsed time go to ``profile/.partial/<config hash>/partial_<N>.safetensors``, and a length whose influence file
-exists for the same model fingerprint, block size, granularity, dtype and calibration file (SHA-256) is
-skipped. Samples longer than the model's positions, or whose loss mask
-selects no token, are skipped with a warning and counted (metric ``skipped_samples``).
+``profile/summary.json`` comes last. Work is resumable: after every ``profile.checkpoint_every`` samples the
+running sums, counts and elapsed time go to ``profile/.partial/<config hash>/partial_<N>.safetensors``, and a
+length whose influence file exists for the same model fingerprint, block size, granularity, dtype and calibration
+file (SHA-256) is skipped. Samples longer than the model's positions, or whose loss mask selects no token, are
+skipped with a warning and counted (metric ``skipped_samples``).
 
 Under ``torchrun --nproc_per_node=K`` rank ``r`` profiles the samples ``s`` with ``s % K == r`` and keeps its own
 partial file (``partial_<N>.rank<r>of<K>.safetensors``, so runs with another world size never mix). After a
