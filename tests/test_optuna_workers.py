@@ -86,7 +86,7 @@ def test_two_workers_record_every_trial_exactly_once_after_one_is_killed(tmp_pat
             continue
         trials = study.get_trials(deepcopy=False)
         mine = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(
-            f":{victim.pid}")]
+            f":{victim.pid}") and t.params]  # mid-trial: its composition is suggested, so training is under way
         if mine and any(t.state == TrialState.COMPLETE for t in trials):
             killed_at = mine[0].number
             victim.send_signal(signal.SIGKILL)  # no clean-up of any kind
