@@ -10,7 +10,7 @@ over causal pairs, the mean over query heads):
   is one call of PyTorch's fused causal flash-attention op (which skips the blocks above the diagonal) with an
   additive mask of the pairs beyond the band: dense causal attention's work plus reading the mask (measured on a
   2-core CPU: within about 10% of it up to 2k tokens, 25% more at 4k); on CUDA it is SDPA with a boolean mask.
-  Masks are built once per ``(N, spans, sink)`` and cached.
+  Masks are built once per ``(N, span, sink)`` and cached.
 
 **Measuring.** The first ``auto`` call for a new :func:`cache_key` (device, torch version, dtype, head_dim, heads,
 sink, thread count) times both implementations on random tensors of the caller's shape (:func:`measure_points`)
@@ -63,10 +63,10 @@ from kernels.pattern import kept_pairs
 ENV_MODE = "MOA_CROSSOVER"
 MODES = ("auto", "sparse", "dense", "off")
 CACHE_FILE = "crossover.json"
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 """Bumped when measuring or the grid changes; entries of another version are measured again (version 3: every
 length has a warm-up round, and a loss settles only after two rounds, like a win; 4: lengths from 256, density
-0.875)."""
+0.875; 5: dense masked runs one call per KV-head span with shared per-span masks)."""
 GRID_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 """Lengths searched for each density's crossover (then the midpoint where it flips); dense below the first."""
 GRID_DENSITIES = (0.25, 0.5, 0.75, 0.875)
@@ -79,8 +79,9 @@ WIN_MARGIN = 1.05
 """The sparse kernel wins a point when its :attr:`Point.ratio` is at least this."""
 BUDGET_S = 15.0
 """No measurement starts that is predicted to take the sweep past this many seconds."""
-MASK_CACHE_BYTES = 256 << 20
-"""Masks kept for reuse, least recently used dropped first; a bigger mask is rebuilt on every call."""
+MASK_CACHE_BYTES = 1 << 30
+"""Masks kept for reuse, least recently used dropped first; a bigger mask is rebuilt on every call. At 4k tokens
+one ``(N, N)`` float32 mask is 64 MiB, and a plan's layers use about a dozen distinct spans."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -89,14 +90,16 @@ MASK_CACHE_BYTES = 256 << 20
 
 def moa_attention_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
                                scale: float | None = None) -> torch.Tensor:
-    """Exact dense attention under the sink-plus-band mask, in one attention call, differentiable.
+    """Exact dense attention under the sink-plus-band mask, differentiable.
 
     q: (B, Hq, N, D); k, v: (B, Hkv, N, D); spans: (Hq,) ints at this N. On CPU: the fused causal flash op with an
-    additive mask of the pairs beyond the band (no mask where band and sink cover every causal pair), shared by
-    all heads when they share a span; when each KV head's query heads share one (``kv_head`` plans) and the batch
-    is 1, the KV heads become the batch (a view, nothing copied) with one mask each; otherwise one mask per query
-    head. Elsewhere, SDPA with a boolean mask. Masks are cached per ``(N, spans, sink)``. No gathers: on a busy
-    machine every extra parallel op costs a scheduler wake-up. A head with span 0 and no sink gets zeros.
+    additive mask of the pairs beyond the band (no mask where band and sink cover every causal pair). When the
+    query heads of each KV head share a span (every ``kv_head`` plan), one call per run of KV heads with the same
+    span, each with that span's ``(N, N)`` mask; otherwise one call with a mask per query head. Elsewhere, SDPA
+    with a boolean mask. Masks are cached per ``(N, span, sink)``, so a model's layers share them: a plan has a
+    dozen distinct spans at a length, where per-layer masks (one per KV head) would not fit the cache and be
+    rebuilt at every layer. No gathers: on a busy machine every extra parallel op costs a scheduler wake-up. A
+    head with span 0 and no sink gets zeros.
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -112,12 +115,21 @@ def moa_attention_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if len(set(span_list)) == 1:
         return _FusedCausalMasked.apply(q, k, v, masks("far", n, span_list[:1], sink, q.dtype, q.device)[0], scale)
     kv_spans = span_list[::group]
-    if b == 1 and span_list == tuple(s for s in kv_spans for _ in range(group)):
-        mask = masks("far", n, kv_spans, sink, q.dtype, q.device).unsqueeze(1)  # (Hkv, 1, N, N)
-        out = _FusedCausalMasked.apply(q.view(hkv, group, n, d), k.view(hkv, 1, n, d), v.view(hkv, 1, n, d), mask,
-                                       scale)
-        return out.view(1, hq, n, d)
+    if span_list == tuple(s for s in kv_spans for _ in range(group)):
+        outs = []  # one call per run of KV heads sharing a span, each with that span's (N, N) mask
+        for h0, h1 in _runs(kv_spans):
+            span = kv_spans[h0]
+            mask = masks("far", n, (span,), sink, q.dtype, q.device)[0] if _needs_mask(n, span, sink) else None
+            outs.append(_FusedCausalMasked.apply(q[:, h0 * group:h1 * group], k[:, h0:h1], v[:, h0:h1], mask,
+                                                 scale))  # (B, (h1 - h0) * group, N, D)
+        return torch.cat(outs, dim=1)  # (B, Hq, N, D)
     return _FusedCausalMasked.apply(q, k, v, masks("far", n, span_list, sink, q.dtype, q.device).unsqueeze(0), scale)
+
+
+def _runs(values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of equal consecutive ``values``."""
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
 def _sdpa_masked(q, k, v, span_list: tuple[int, ...], sink: int, scale: float) -> torch.Tensor:

@@ -55,7 +55,8 @@ class PerHeadLayer(CacheLayerMixin):
         if hq % hkv:
             raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
         self.group = hq // hkv
-        self.capacities = [min(self.sink + s, self.total) for s in self.ring.tolist()]
+        self.ring_sizes = [int(s) for s in torch.as_tensor(kv_spans).tolist()]  # (Hkv,) on the host
+        self.capacities = [min(self.sink + s, self.total) for s in self.ring_sizes]
         self.offsets = [0]
         for c in self.capacities:
             self.offsets.append(self.offsets[-1] + c)
@@ -96,12 +97,9 @@ class PerHeadLayer(CacheLayerMixin):
         if self.seen + n > self.total:
             raise ValueError(f"per-head cache was planned for {self.total} tokens; {self.seen + n} do not fit")
         if self.seen == 0:
-            positions = torch.arange(n, device=self.device).expand(self.ring.numel(), n)  # (Hkv, n)
-            keep = (positions < self.sink) | (positions >= n - self.ring.view(-1, 1))  # the last S_h, plus sinks
-            heads, tokens = keep.nonzero(as_tuple=True)
-            slots = self._slots(positions)[heads, tokens]
-            self.keys[:, slots] = key_states[:, heads, tokens]
-            self.values[:, slots] = value_states[:, heads, tokens]
+            for head, dst, src in self._prefill_copies(n):
+                for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+                    buffer[:, dst:dst + src.stop - src.start] = states[:, head, src]
             self.seen = n
             torch.clamp(self._capacity, max=self.seen, out=self.lengths)
             return key_states, value_states
@@ -116,6 +114,23 @@ class PerHeadLayer(CacheLayerMixin):
         self.seen += 1
         torch.clamp(self._capacity, max=self.seen, out=self.lengths)
         return self.keys, self.values
+
+    def _prefill_copies(self, n: int):
+        """``(head, first slot, token slice)`` for each contiguous run of slots a prefill of ``n`` tokens writes: a
+        head's sink tokens, then its last ``S_h`` tokens at positions ``>= sink``, which fill the ring from slot
+        ``sink + (first - sink) mod S_h`` and wrap around to slot ``sink`` at most once. Slices, not gathers: no
+        index tensors and no device sync."""
+        for head, (start, ring) in enumerate(zip(self.offsets[:-1], self.ring_sizes, strict=True)):
+            if self.sink:
+                yield head, start, slice(0, min(self.sink, n))
+            first = max(self.sink, n - ring)  # the oldest band token kept
+            if first >= n:
+                continue
+            slot = (first - self.sink) % ring
+            run = min(n - first, ring - slot)
+            yield head, start + self.sink + slot, slice(first, first + run)
+            if first + run < n:
+                yield head, start + self.sink, slice(first + run, n)
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Packed slot index of each token position (``[Hkv, n]`` -> ``[Hkv, n]``)."""
