@@ -94,6 +94,21 @@ def var_tracking(rng: random.Random, fits: Callable[[str], bool], hops: int = 3)
     return TaskItem("var_tracking", header + "".join(body) + question, str(value))
 
 
+def hidden_number(rng: random.Random, fits: Callable[[str], bool]) -> TaskItem:
+    """One number stated once at a random depth in repetitive noise, asked for at the end: single-needle retrieval
+    across filler, which the dense model answers, so the profile sees the heads that fetch it."""
+    value = rng.randrange(10000, 99999)
+    header = "Somewhere in the noise below there is a secret number. Find it and keep it in mind.\n\n"
+    fact = f"Note: the secret number is {value}. "
+    question = "\n\nQuestion: what is the secret number? Answer with the number only."
+    noise_units = _fill(lambda i: NOISE, lambda body: fits(header + body + fact + question))
+    if not noise_units:
+        raise ValueError("length too short for hidden_number")
+    slot = rng.randrange(int(0.8 * len(noise_units)) + 1)  # in the first 80%: never next to the question
+    body = "".join(noise_units[:slot]) + fact + "".join(noise_units[slot:])
+    return TaskItem("hidden_number", header + body + question, str(value))
+
+
 @lru_cache(maxsize=1)
 def _prose_paragraphs() -> tuple[str, ...]:
     """Natural English paragraphs from the Python reference topics bundled with the interpreter (offline)."""
@@ -151,4 +166,5 @@ TASKS: dict[str, Callable[[random.Random, Callable[[str], bool]], TaskItem]] = {
     "kv_lines": kv_lines,
     "var_tracking": var_tracking,
     "multi_doc_qa": multi_doc_qa,
+    "hidden_number": hidden_number,
 }
