@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -112,24 +113,17 @@ def moa_attention_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return _sdpa_masked(q, k, v, span_list, sink, scale)
     if not any(_needs_mask(n, s, sink) for s in span_list):
         return _FusedCausalMasked.apply(q, k, v, None, scale)
-    if len(set(span_list)) == 1:
-        return _FusedCausalMasked.apply(q, k, v, masks("far", n, span_list[:1], sink, q.dtype, q.device)[0], scale)
     kv_spans = span_list[::group]
     if span_list == tuple(s for s in kv_spans for _ in range(group)):
-        outs = []  # one call per run of KV heads sharing a span, each with that span's (N, N) mask
-        for h0, h1 in _runs(kv_spans):
-            span = kv_spans[h0]
+        outs, h0 = [], 0  # one call per run of KV heads sharing a span (all heads when spans are uniform)
+        for span, run in itertools.groupby(kv_spans):
+            h1 = h0 + len(list(run))
             mask = masks("far", n, (span,), sink, q.dtype, q.device)[0] if _needs_mask(n, span, sink) else None
             outs.append(_FusedCausalMasked.apply(q[:, h0 * group:h1 * group], k[:, h0:h1], v[:, h0:h1], mask,
                                                  scale))  # (B, (h1 - h0) * group, N, D)
-        return torch.cat(outs, dim=1)  # (B, Hq, N, D)
+            h0 = h1
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, Hq, N, D)
     return _FusedCausalMasked.apply(q, k, v, masks("far", n, span_list, sink, q.dtype, q.device).unsqueeze(0), scale)
-
-
-def _runs(values: tuple[int, ...]) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each run of equal consecutive ``values``."""
-    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
-    return list(zip(starts, [*starts[1:], len(values)], strict=True))
 
 
 def _sdpa_masked(q, k, v, span_list: tuple[int, ...], sink: int, scale: float) -> torch.Tensor:

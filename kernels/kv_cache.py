@@ -55,7 +55,7 @@ class PerHeadLayer(CacheLayerMixin):
         if hq % hkv:
             raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
         self.group = hq // hkv
-        self.ring_sizes = [int(s) for s in torch.as_tensor(kv_spans).tolist()]  # (Hkv,) on the host
+        self.ring_sizes = self.ring.cpu().tolist()  # (Hkv,) on the host, read once
         self.capacities = [min(self.sink + s, self.total) for s in self.ring_sizes]
         self.offsets = [0]
         for c in self.capacities:
