@@ -513,7 +513,7 @@ class ValidateSettings:
     samples: int
     backend: str
     shortlist: int
-    """Front plans scored per budget: those losing least influence at the longest profile length."""
+    """Front plans scored per budget: the compromise plans of the front (see ``stages.validate.shortlist``)."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, *, need_length: bool = True) -> ValidateSettings:

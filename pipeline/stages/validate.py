@@ -51,10 +51,17 @@ def _row(name: str, method: str, budget: str, plan: Plan | None, length: int, pp
 
 
 def shortlist(entries: list[dict], lengths: list[int], size: int) -> list[dict]:
-    """The ``size`` front plans that lose least influence at the longest profile length (then in total)."""
+    """The ``size`` front plans nearest the front's ideal point, the compromise plans: ranked by the largest ratio,
+    over the profile lengths, of a plan's influence loss to the least loss any plan of ``entries`` reaches at that
+    length (then by the sum of those ratios). A plan that is best at one length is often far from best at the
+    others; the plans in between validate better (README, Validation)."""
+    if not entries:
+        return []
+    ideal = {n: min(e[f"influence_loss@{n}"] for e in entries) for n in lengths}
+
     def key(entry):
-        losses = [entry[f"influence_loss@{n}"] for n in lengths]
-        return losses[-1], sum(losses)
+        ratios = [entry[f"influence_loss@{n}"] / max(ideal[n], 1e-12) for n in lengths]
+        return max(ratios), sum(ratios)
     return sorted(entries, key=key)[:size]
 
 
