@@ -29,7 +29,7 @@ def final_summary(cfg, run_dir: Path) -> str:
         lines.append(f"  budget {budget}: selected {best['plan']} (best of {len(moa)} shortlisted), "
                      f"{artifacts.selected_plan_at(budget)}")
         for _, row in rows.sort_values("method", key=lambda m: m.map(METHOD_ORDER)).iterrows():
-            lines.append(f"    {row['method']:<8} KV density {row['kv_density']:.3f}, attention density "
+            lines.append(f"    {row['method']:<8} {row['plan']:<16} KV density {row['kv_density']:.3f}, attention density "
                          f"{row['attention_density']:.3f}: ppl {row['val_ppl']:.4f} ({row['val_ppl'] / dense:.3f}x dense)"
                          + ("  <- selected" if row["plan"] == best["plan"] else ""))
     lines += [f"Selected plan (budget {first[0]}): {artifacts.selected_plan}  ({first[1]})",

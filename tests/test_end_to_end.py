@@ -158,8 +158,8 @@ def test_stage_all_ends_with_a_summary_of_the_selected_plan(full_run, capsys):
     summary = final_summary(compose(["model=tiny", f"run_dir={run_dir}"]), run_dir)
     assert summary.strip() in printed
     assert f"({best})" in summary and str(run_dir / "plan.json") in summary
-    for plan, row in results.iterrows():  # every scored plan's perplexity, and the selection per budget
-        assert f"{row['val_ppl']:.4f}" in summary, plan
+    for plan, row in results.iterrows():  # every scored plan, named beside its perplexity; the selection per budget
+        assert any(plan in line and f"{row['val_ppl']:.4f}" in line for line in summary.splitlines()), plan
     for budget in ("0.5", "0.25"):
         chosen = moa[moa["budget"] == budget]["val_ppl"].idxmin()
         assert f"budget {budget}: selected {chosen} " in summary
