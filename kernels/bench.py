@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.decode import packed_decode_attention
+from kernels.decode import layer_decode_attention, packed_decode_attention
 from kernels.flex import moa_attention_flex
 from kernels.kv_cache import PerHeadLayer
 from kernels.pattern import kept_pairs, kv_density
@@ -236,9 +236,8 @@ def decode_rows(s: BenchSettings, progress: Callable[[Iterable], Iterable] = ite
 
 def _decode_step(backend: str, layer, q, token) -> Callable[[], torch.Tensor]:
     def step():
-        keys, values = layer.update(token[0], token[1])  # (B, T, D) packed
-        return packed_decode_attention(q, keys, values, layer.offsets, layer.valid_lengths(),
-                                       keep=layer.decode_keep(), backend=backend)
+        layer.update(token[0], token[1])  # into the packed (B, T, D) buffers
+        return layer_decode_attention(q, layer, backend=backend)  # as the runtime decodes
     return step
 
 

@@ -10,8 +10,10 @@ Backends. ``triton`` (and ``auto`` on CUDA) runs the split-KV kernel of :mod:`ke
 packed buffer itself: two launches per layer, no loop over heads, the ``keep`` mask applied inside the kernel.
 Pass ``valid_lengths`` as an int tensor on the cache's device (``PerHeadLayer.lengths``) and nothing
 synchronises with the host, so the step can be captured in a CUDA graph. ``torch`` (and ``auto`` elsewhere) scores
-the whole packed buffer in one matmul per layer under a mask of each query head's own valid slots
-(:func:`packed_decode_attention_torch`). ``reference``, the oracle, calls :func:`kernels.moa_decode_attention`
+the whole packed buffer in one matmul per layer under an additive mask of each query head's own visible slots
+(:func:`biased_decode_attention`); the runtime (:func:`layer_decode_attention`) takes that mask from the cache
+layer, which edits it in place as tokens arrive, and :func:`packed_decode_attention_torch` builds it from the valid
+lengths and ``keep``. ``reference``, the oracle, calls :func:`kernels.moa_decode_attention`
 once per KV head on that head's slots as a one-KV-head cache (once on a ``[B, Hkv, C, D]`` view when every head has
 the same capacity); with ``keep``, a dense masked matmul per KV head.
 """
@@ -73,17 +75,44 @@ def packed_decode_attention_torch(q: torch.Tensor, k_packed: torch.Tensor, v_pac
     pays a handful of small calls per head. The extra scores (other heads' slots) cost ``Hq * T`` multiply-adds of
     size ``D``, nothing next to reading the buffer. Same arguments and result as :func:`packed_decode_attention`.
     """
-    b, hq, _, d = q.shape
-    scale = d**-0.5 if scale is None else float(scale)
+    hq = q.shape[1]
     slot_head, slot_local, foreign = _slot_index(tuple(int(x) for x in offsets), hq, q.device)  # (T,), (T,), (Hq, T)
     lengths = torch.as_tensor(valid_lengths, device=q.device)  # (Hkv,)
     hidden = foreign | (slot_local >= lengths[slot_head])  # (Hq, T): another head's slot, or not filled yet
     if keep is not None:
         hidden |= ~keep
-    scores = torch.bmm(q.reshape(b, hq, d) * scale, k_packed.transpose(1, 2))  # (B, Hq, T)
-    scores = scores if scores.dtype == torch.float32 else scores.float()
-    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
-    return torch.bmm(probs.to(v_packed.dtype), v_packed).view(b, hq, 1, d)  # (B, Hq, 1, D)
+    bias = torch.zeros(hidden.shape, dtype=torch.float32, device=q.device).masked_fill_(hidden, float("-inf"))
+    return biased_decode_attention(q, k_packed, v_packed, bias, scale=scale)
+
+
+def biased_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, bias: torch.Tensor,
+                            *, scale: float | None = None) -> torch.Tensor:
+    """The packed decode step given its additive mask: every query head scores every slot, plus ``bias``.
+
+    q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); bias: (Hq, T) float32, 0 where a query head sees a slot and
+    -inf elsewhere (:meth:`kernels.kv_cache.PerHeadLayer.decode_bias` keeps it up to date between steps). Three
+    calls in float32: scores with the mask added, softmax, weighted sum. Returns (B, Hq, 1, D) in q's dtype; a head
+    that sees no slot gets 0.
+    """
+    b, hq, _, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    if q.dtype == torch.float32 and k_packed.dtype == torch.float32:
+        scores = torch.baddbmm(bias, q.reshape(b, hq, d), k_packed.transpose(1, 2), alpha=scale)  # (B, Hq, T)
+    else:
+        scores = torch.bmm(q.reshape(b, hq, d) * scale, k_packed.transpose(1, 2)).float() + bias
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    return torch.bmm(probs.to(v_packed.dtype), v_packed).view(b, hq, 1, d).to(q.dtype)  # (B, Hq, 1, D)
+
+
+def layer_decode_attention(q: torch.Tensor, layer, *, scale: float | None = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """One decode step over a :class:`kernels.kv_cache.PerHeadLayer` that holds the new token: the torch path
+    (``torch``, and ``auto`` off CUDA) reads the layer's incrementally kept mask; the others get its valid lengths
+    and ``keep`` mask (:func:`packed_decode_attention`)."""
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return biased_decode_attention(q, layer.keys, layer.values, layer.decode_bias(), scale=scale)
+    return packed_decode_attention(q, layer.keys, layer.values, layer.offsets, layer.lengths,
+                                   keep=layer.decode_keep(), scale=scale, backend=backend)
 
 
 @functools.lru_cache(maxsize=256)

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
 import kernels
-from kernels.decode import packed_decode_attention
+from kernels.decode import layer_decode_attention
 from kernels.kv_cache import PerHeadLayer
 
 ATTENTION_NAME = "moa"
@@ -88,10 +88,8 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         out = kernels.moa_attention(query, key, value, cache_layer.query_spans, cache_layer.sink,
                                     backend=rules.backend, scale=scaling)
     else:
-        out = packed_decode_attention(
-            query, cache_layer.keys, cache_layer.values, cache_layer.offsets, cache_layer.lengths,
-            keep=cache_layer.decode_keep(), scale=scaling, backend=_DECODE_BACKEND.get(rules.backend, rules.backend),
-        )
+        out = layer_decode_attention(query, cache_layer, scale=scaling,
+                                     backend=_DECODE_BACKEND.get(rules.backend, rules.backend))
     return out.transpose(1, 2).contiguous(), None  # (B, n, Hq, D)
 
 

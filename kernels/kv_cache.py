@@ -70,6 +70,8 @@ class PerHeadLayer(CacheLayerMixin):
         self.needs_keep = bool((self.query_spans.view(hkv, self.group) < self.ring.cpu().view(hkv, 1)).any())
         self.seen = 0
         self._step_slots = None  # (total, Hkv) slot of each position, built at the first decode step
+        self._bias = None  # (Hq * T + 1,) float32 decode mask, see decode_bias(); the last element is scratch
+        self._bias_edits = None  # (first, hide, show), see _decode_mask_edits
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,6 +113,10 @@ class PerHeadLayer(CacheLayerMixin):
         slots = self._step_slots[self.seen]  # (Hkv,)
         self.keys.index_copy_(1, slots, key_states[:, :, 0])
         self.values.index_copy_(1, slots, value_states[:, :, 0])
+        if self._bias is not None:  # the new token's edits of the decode mask: what leaves a band, then the token
+            first, hide, show = self._bias_edits
+            self._bias.index_fill_(0, hide[self.seen - first], float("-inf"))
+            self._bias.index_fill_(0, show[self.seen - first], 0.0)
         self.seen += 1
         torch.clamp(self._capacity, max=self.seen, out=self.lengths)
         return self.keys, self.values
@@ -157,8 +163,57 @@ class PerHeadLayer(CacheLayerMixin):
 
         None when every query head's span equals its group's ring, as then each head sees all its filled slots.
         """
-        if not self.needs_keep:
-            return None
+        return self._visible() if self.needs_keep else None
+
+    def decode_bias(self) -> torch.Tensor:
+        """``[Hq, T]`` float32 additive mask of the current decode step: 0 where a query head sees a packed slot
+        (one of its own KV head's, filled, and kept by its span), -inf elsewhere.
+
+        The first call builds it from :meth:`slot_positions`; from then on each decode :meth:`update` edits it in
+        place with two index writes: the slot of the token that leaves a narrower query head's band is hidden from
+        that head, and the new token's slot is shown to its group. So a step pays two small writes per layer
+        instead of rebuilding ``[Hq, T]`` from the slot positions.
+        """
+        hq, slots = self.query_spans.numel(), self.offsets[-1]
+        if self._bias is None:
+            self._bias_edits = (self.seen, *self._decode_mask_edits(self.seen))
+            self._bias = torch.zeros(hq * slots + 1, dtype=torch.float32, device=self.device)
+            self._bias[:-1].view(hq, slots).masked_fill_(~self._visible(), float("-inf"))
+        return self._bias[:-1].view(hq, slots)
+
+    def _decode_mask_edits(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices into the decode mask (``Hq * T + 1`` elements, the last one scratch) that each token position
+        ``p`` in ``[first, total)`` hides and shows, ``(total - first, Hq)`` each.
+
+        Query head ``q`` of KV head ``h`` (span ``s_q``, ring ``R_h``) at position ``p``:
+
+        - sees the new token (slot of ``p``) when ``s_q >= 1`` or ``p`` is a sink token;
+        - stops seeing ``p - s_q`` when ``s_q < R_h`` and ``p - s_q >= sink``; that token is still in the ring,
+          as the ring holds ``(p - R_h, p]``. With ``s_q = R_h`` the token leaving the band is the one the new token
+          overwrites, so there is nothing to hide.
+        """
+        hq, slots = self.query_spans.numel(), self.offsets[-1]
+        scratch = hq * slots
+        positions = torch.arange(first, self.total, device=self.device).view(-1, 1)  # (P, 1)
+        spans = self.query_spans.to(self.device).view(1, -1)  # (1, Hq)
+        owner = torch.arange(hq, device=self.device) // self.group  # (Hq,)
+        rows = torch.arange(hq, device=self.device).view(1, -1) * slots  # (1, Hq): each query head's row start
+        ring = self.ring[owner].view(1, -1)  # (1, Hq)
+
+        def slot_of(pos: torch.Tensor) -> torch.Tensor:  # (P, Hq) positions -> packed slots of their heads
+            pos = pos.clamp(min=0)
+            local = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
+            return self.starts[owner].view(1, -1) + local
+
+        shown = (spans >= 1) | (positions < self.sink)  # (P, Hq)
+        show = torch.where(shown, rows + slot_of(positions.expand(-1, hq)), scratch)
+        leaving = positions - spans  # (P, Hq)
+        hidden = (spans < ring) & (leaving >= self.sink)
+        hide = torch.where(hidden, rows + slot_of(leaving), scratch)
+        return hide, show
+
+    def _visible(self) -> torch.Tensor:
+        """``[Hq, T]`` bool: which packed slots each query head sees at the current decode step."""
         pos = self.slot_positions()  # (T,)
         head = self._slot_heads()
         owner = torch.arange(self.query_spans.numel(), device=self.device) // self.group  # (Hq,)
@@ -186,6 +241,7 @@ class PerHeadLayer(CacheLayerMixin):
         self.values.zero_()
         self.lengths.zero_()
         self.seen = 0
+        self._bias = None
 
     @property
     def nbytes_allocated(self) -> int:

@@ -72,6 +72,33 @@ def test_decode_keep_is_each_query_heads_mask(sink, query_spans, prompt, steps):
             assert sorted(positions[keep[q]].tolist()) == kept_keys(i, span, sink)
 
 
+@settings(max_examples=40, deadline=None)
+@given(sink=st.integers(0, 5), query_spans=st.lists(st.integers(0, 10), min_size=4, max_size=4),
+       prompt=st.integers(1, 12), steps=st.integers(1, 14), first_call=st.integers(0, 6))
+def test_decode_bias_is_each_query_heads_mask_at_every_step(sink, query_spans, prompt, steps, first_call):
+    """The decode mask kept by index edits between steps shows each query head exactly the slots holding the keys
+    its row of the token mask keeps, from whichever step it is first asked for (rings wrap, spans of 0 see only the
+    sink)."""
+    kv_spans = [max(1, *query_spans[:2]), max(1, *query_spans[2:])]
+    total = prompt + steps
+    layer = PerHeadLayer(query_spans, kv_spans, sink, total, batch_size=1, head_dim=1, dtype=torch.float32,
+                         device="cpu")
+    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    for i in range(prompt, total):
+        layer.update(position_states([i], 2), position_states([i], 2))
+        if i - prompt < first_call:
+            continue
+        bias = layer.decode_bias()
+        assert set(bias.unique().tolist()) <= {0.0, float("-inf")}
+        for q, span in enumerate(query_spans):
+            head = q // 2
+            lo = layer.offsets[head]
+            filled = range(lo, lo + layer.valid_lengths()[head])  # slots holding a token (checked above)
+            seen = sorted(int(layer.keys[0, slot, 0]) for slot in filled if bias[q, slot] == 0)
+            assert seen == kept_keys(i, span, sink)
+            assert all(bias[q, slot] == float("-inf") for slot in range(layer.offsets[-1]) if slot not in filled)
+
+
 @pytest.mark.parametrize("query_spans", [[3, 3, 7, 7], [5, 5, 5, 5], [2, 5, 7, 1]],
                          ids=["per-kv-head", "equal-heads", "mixed-group"])
 @pytest.mark.parametrize("sink", [0, 2])
