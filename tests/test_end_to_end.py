@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -12,6 +14,7 @@ import pytest
 from nbclient import NotebookClient
 from safetensors.torch import load_file
 
+from kernels.pattern import span_at
 from pipeline.plan import load_plan, plan_kv_density
 from pipeline.report import final_summary
 from pipeline.run import compose
@@ -88,13 +91,18 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
     assert (dense["prefill_speedup"] == 1).all()  # dense against itself, prompt by prompt
     assert (frame["prefill_speedup"] > 0).all() and (frame["decode_speedup"].dropna() > 0).all()
     for (method, budget, n), rows in frame[frame["method"] != "dense"].groupby(["method", "budget", "seq_len"]):
-        plan = load_plan(run_dir / ("plans" if method == "binary" else "validate") / rows["plan_id"].iloc[0]) \
-            if method != "uniform" else None
-        if plan is not None:  # densities recomputed from the plan file
-            assert rows["kv_density"].iloc[0] == pytest.approx(plan_kv_density(plan, n))
+        selected = load_plan(run_dir / "validate" / f"selected_{budget}.json")
+        if method == "moa":  # densities recomputed from the plan file
+            assert rows["plan_id"].iloc[0] == f"selected_{budget}.json"
+            assert rows["kv_density"].iloc[0] == pytest.approx(plan_kv_density(selected, n))
         moa = frame[(frame["method"] == "moa") & (frame["budget"] == budget) & (frame["seq_len"] == n)]
+        gap = moa["kv_density"].iloc[0] - rows["kv_density"].iloc[0]
         if method == "uniform":  # a single window at the MoA plan's KV density at this length
-            assert abs(rows["kv_density"].iloc[0] - moa["kv_density"].iloc[0]) < 2 / n
+            assert abs(gap) < 2 / n
+        if method == "binary":  # solved at this length: as many full heads as the MoA plan's density leaves room for
+            full, window = map(int, re.fullmatch(r"binary_full(\d+)_window(\d+)", rows["plan_id"].iloc[0]).groups())
+            assert (full, rows["kv_density"].iloc[0]) == pytest.approx(
+                _most_full_heads(selected, window, n, moa["kv_density"].iloc[0]))
         assert (rows["kl_dense"] >= 0).all()
     # KV bytes are what the cache held: a plan's bytes against dense's follow its KV density.
     for row in frame[frame["method"] == "moa"].itertuples():
@@ -129,9 +137,23 @@ def test_validation_selects_per_budget_the_lowest_perplexity_of_a_shortlist(full
         binary = load_plan(run_dir / "plans" / f"binary_{budget}.json")
         assert {(a, b) for la, lb in zip(binary.alphas, binary.betas, strict=True)
                 for a, b in zip(la, lb, strict=True)} <= {(0.0, 1.0), (float(binary.solver["streaming_window"]), 0.0)}
-        assert rows[rows["method"] == "binary"]["plan"].tolist() == [f"binary_{budget}.json"]
+        scored_binary = rows[rows["method"] == "binary"]
+        assert scored_binary["plan"].tolist() == [f"binary_{budget}"]  # optimize's split, solved again at `length`
+        _, density = _most_full_heads(selected, binary.solver["streaming_window"], length,
+                                      plan_kv_density(selected, length))
+        assert scored_binary["kv_density"].iloc[0] == pytest.approx(density)
     first = load_plan(run_dir / "validate" / f"selected_{budgets[0]}.json")
     assert load_plan(run_dir / "plan.json").to_dict() == first.to_dict()
+
+
+def _most_full_heads(plan, window: int, n: int, kv_density: float) -> tuple[int, float]:
+    """The binary baseline at ``n`` within ``kv_density``: full attention loses nothing, so the least-loss split
+    makes as many heads full as fit. Returns that count and the KV density it gives (``plan``'s heads, sink and
+    minimum span)."""
+    heads = len(plan.alphas) * len(plan.alphas[0])
+    streaming = min(plan.sink + span_at(window, 0.0, n, plan.min_span), n) / n
+    full = max(0, math.floor((kv_density - streaming) / ((1 - streaming) / heads) + 1e-9))
+    return full, streaming + full * (1 - streaming) / heads
 
 
 def _prompts(data: dict) -> list[tuple[int, ...]]:
@@ -204,9 +226,10 @@ def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric
     runs = mlflow.search_runs(experiment_names=["moa-autotune-plans"])
     assert "tags.mlflow.parentRunId" not in runs.columns or runs["tags.mlflow.parentRunId"].isna().all()
     plan_files = [*(run_dir / "plans").glob("plan_*.json"), *(run_dir / "plans").glob("binary_*.json")]
-    assert len(runs) == len(plan_files) + 1 + 2  # every plan file, dense, and the uniform window of each budget
-    assert sorted(runs.loc[runs["tags.method"].isin(["moa", "binary"]), "tags.plan_id"]) == sorted(
-        p.name for p in plan_files)
+    # every plan file, dense, and each budget's baselines rebuilt per length (the binary split, the uniform window)
+    assert len(runs) == len(plan_files) + 1 + 2 * 2
+    from_files = runs["tags.method"].isin(["moa", "binary"]) & (runs["tags.plan_id"] != runs["tags.method"])
+    assert sorted(runs.loc[from_files, "tags.plan_id"]) == sorted(p.name for p in plan_files)
     frame = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
     selected = runs[runs["tags.selected"] == "true"]
     assert sorted(selected["tags.budget"]) == ["0.25", "0.5"]

@@ -206,12 +206,12 @@ def write_run_dir(run_dir: Path) -> dict:
             plan, VALIDATION_LENGTH), f"attention_density:{VALIDATION_LENGTH}": plan_attention_density(
             plan, VALIDATION_LENGTH)}
         selected = SELECTED.get(budget) == name
-        if selected or method == "binary":
+        if selected:
             metrics |= eval_metrics(rng, method, {n: plan_kv_density(plan, n) for n in EVAL_LENGTHS},
                                     {n: plan_attention_density(plan, n) for n in EVAL_LENGTHS})
         run_id = create(f"{method}@{budget}:{name}", method, budget, plan_digest(run_dir / "plans" / name), name,
                         selected, metrics)
-        current[f"{method}@{budget}" if selected or method == "binary" else name] = (run_id, metrics)
+        current[f"{method}@{budget}" if selected else name] = (run_id, metrics)
     for budget, name in SELECTED.items():
         moa = plans[name]  # the uniform window is sized to the MoA plan's KV density at each length
         window = {n: uniform_window_plan(MODEL, plan_kv_density(moa, n), n, sink=moa.sink, min_span=moa.min_span,
@@ -220,6 +220,11 @@ def write_run_dir(run_dir: Path) -> dict:
                                {n: plan_attention_density(p, n) for n, p in window.items()})
         current[f"uniform@{budget}"] = (create(f"uniform@{budget}", "uniform", budget, f"uniform@{budget}", "uniform",
                                                False, metrics), metrics)
+        # the binary split as validate and evaluate run it: solved again per length, at the MoA plan's density there
+        metrics = {"val_ppl": 3.5, **eval_metrics(rng, "binary", {n: plan_kv_density(moa, n) for n in EVAL_LENGTHS},
+                                                  {n: plan_attention_density(moa, n) for n in EVAL_LENGTHS})}
+        current[f"binary@{budget}"] = (create(f"binary@{budget}", "binary", budget, f"binary@{budget}", "binary",
+                                              False, metrics), metrics)
     return {"current": current, "plans": plans, "influence": influence}
 
 
@@ -394,15 +399,17 @@ def test_compare_defaults_to_the_selected_plans_of_the_first_two_budgets(synthet
 
 
 def test_compare_takes_a_run_id_a_method_at_budget_or_a_plan_file(synthetic, tmp_path):
-    binary_id = synthetic.current["binary@0.5"][0]
-    figures = execute(COMPARE, tmp_path, run_dir=str(synthetic.run_dir), plan_a=binary_id, plan_b="plans/plan_2.json")
+    # binary@0.5 names two runs: optimize's plan file and the baseline as evaluated; the evaluated one is meant
+    figures = execute(COMPARE, tmp_path, run_dir=str(synthetic.run_dir), plan_a="binary@0.5",
+                      plan_b="plans/plan_2.json")
     check_comparison(synthetic, figures, {"binary@0.5": "binary@0.5", "moa@0.25: plan_2.json": "moa@0.25"})
 
     orphan = tmp_path / "orphan.json"
     from pipeline.plan import save_plan
 
     save_plan(varied_plan([[0.3, 0.3], [0.3, 0.3], [0.3, 0.3]]), orphan)  # a plan file no run knows
-    figures = execute(COMPARE, tmp_path, run_dir=str(synthetic.run_dir), plan_a="uniform@0.25", plan_b=str(orphan))
+    uniform_id = synthetic.current["uniform@0.25"][0]
+    figures = execute(COMPARE, tmp_path, run_dir=str(synthetic.run_dir), plan_a=uniform_id, plan_b=str(orphan))
     check_comparison(synthetic, figures, {"uniform@0.25": "uniform@0.25", "orphan.json": None})
     assert set(span_images(figures)) == {"orphan.json"}, "the uniform window has no plan file"
 

@@ -25,6 +25,14 @@ def cached_positions(layer: PerHeadLayer, head: int) -> list[int]:
     return sorted(int(x) for x in layer.keys[0, lo:lo + layer.valid_lengths()[head], 0])
 
 
+def prefilled_layer(query_spans, kv_spans, sink: int, prompt: int, total: int) -> PerHeadLayer:
+    """A one-sequence layer (2 KV heads, head size 1) holding the positions ``0 .. prompt - 1`` as its states."""
+    layer = PerHeadLayer(query_spans, kv_spans, sink, total, batch_size=1, head_dim=1, dtype=torch.float32,
+                         device="cpu")
+    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    return layer
+
+
 def kept_keys(i: int, span: int, sink: int) -> list[int]:
     """Keys the token-level mask keeps for query ``i``: row ``i`` of the mask."""
     return token_mask(i + 1, span, sink)[i].nonzero().flatten().tolist()
@@ -58,9 +66,7 @@ def test_cache_holds_exactly_the_mask(sink, spans, prompt, steps, spare):
 def test_decode_keep_is_each_query_heads_mask(sink, query_spans, prompt, steps):
     kv_spans = [max(query_spans[:2]), max(query_spans[2:])]
     total = prompt + steps
-    layer = PerHeadLayer(query_spans, kv_spans, sink, total, batch_size=1, head_dim=1, dtype=torch.float32,
-                         device="cpu")
-    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    layer = prefilled_layer(query_spans, kv_spans, sink, prompt, total)
     for i in range(prompt, total):
         layer.update(position_states([i], 2), position_states([i], 2))
         keep = layer.decode_keep()
@@ -81,9 +87,7 @@ def test_decode_bias_is_each_query_heads_mask_at_every_step(sink, query_spans, p
     sink)."""
     kv_spans = [max(1, *query_spans[:2]), max(1, *query_spans[2:])]
     total = prompt + steps
-    layer = PerHeadLayer(query_spans, kv_spans, sink, total, batch_size=1, head_dim=1, dtype=torch.float32,
-                         device="cpu")
-    layer.update(position_states(range(prompt), 2), position_states(range(prompt), 2))
+    layer = prefilled_layer(query_spans, kv_spans, sink, prompt, total)
     for i in range(prompt, total):
         layer.update(position_states([i], 2), position_states([i], 2))
         if i - prompt < first_call:

@@ -2,15 +2,22 @@
 
 - **binary** (DuoAttention-style): each head is either *full* (span ``N``: the rule ``alpha=0, beta=1``) or
   *streaming* (the sink plus a fixed local window ``w``: the rule ``alpha=w, beta=0``), chosen by the same MILP as
-  the front, restricted to those two rules, under the same KV budget.
+  the front, restricted to those two rules, under the same KV budget (:func:`binary_plan_choice`, the optimize
+  stage's ``binary_<budget>.json``). A streaming head's share of the cache shrinks as ``N`` grows, so one such
+  plan that meets the budget at the shortest profile length keeps less than the budget at longer ones.
+  Validation and evaluation therefore compare at equal density with :func:`binary_plan_at`: the same two rules,
+  solved again for each length at the density of the plan it is compared with.
 - **uniform** (StreamingLLM-style): one sink and one window for every head, sized to a KV density at one length;
   see :func:`uniform_window_plan`. The evaluation builds it at each length from the plan it is compared with.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
+from kernels.pattern import span_at
 from pipeline.optimize.front import PlanCandidate, solve_front
 from pipeline.plan import Plan, plan_attention_density, plan_kv_density
 
@@ -61,6 +68,43 @@ def binary_plan_choice(loss: np.ndarray, kv_density: np.ndarray, budget: np.ndar
                         solver=solver, points=len(budget), time_limit=time_limit, gap_rel=gap_rel, lengths=lengths)
     best = min(front, key=lambda c: (c.objectives[-1], c.objectives.sum()))
     return best, rules, window
+
+
+def binary_plan_at(table: dict, template: Plan, length: int, kv_density: float, *, group_size: int, solver: str,
+                   time_limit: float | None, gap_rel: float) -> Plan:
+    """The binary plan for one ``length`` at KV density at most ``kv_density`` there: ``template``'s two rules (full,
+    and its streaming window), one per head by the MILP, with the heads' losses from ``table`` (the loss table) at
+    the longest profile length not above ``length`` (the shortest one below them all).
+
+    Where even every head streaming keeps more than ``kv_density``, every head streams: the sparsest binary plan.
+    """
+    window = int(template.solver["streaming_window"])
+    full, streaming = (rule_index(table["alphas"], table["betas"], a, b) for a, b in ((0.0, 1.0), (window, 0.0)))
+    if full is None or streaming is None:
+        raise ValueError(f"the loss table lacks the binary rules (0, 1) and ({window}, 0): re-run stage=optimize")
+    rules = np.array([full, streaming])
+    profiled = [int(n) for n in table["lengths"]]
+    source = max([t for t, n in enumerate(profiled) if n <= length], default=0)
+    loss = table["loss"][:, :, rules, source][..., None]  # (L, H, 2, 1)
+    spans = [span_at(a, b, length, template.min_span) for a, b in ((0.0, 1.0), (window, 0.0))]
+    share = np.array([min(template.sink + s, length) / length for s in spans])  # (2,) KV density of each rule
+    density = np.broadcast_to(share[None, None, :, None], loss.shape)  # (L, H, 2, 1)
+    choice = np.ones(loss.shape[:2], dtype=int)  # (L, H): 1 = streaming
+    status = "all_streaming"
+    if kv_density >= share[1]:
+        front = solve_front(loss, density, [kv_density], 2, group_size=group_size, solver=solver, points=1,
+                            time_limit=time_limit, gap_rel=gap_rel, lengths=[length])
+        best = min(front, key=lambda c: c.objectives[-1])
+        choice, status = best.choice, best.status
+    plan = copy.deepcopy(template)
+    plan.alphas = table["alphas"][rules[choice]].tolist()
+    plan.betas = table["betas"][rules[choice]].tolist()
+    plan.density_budget = {length: float(kv_density)}
+    plan.solver = {**template.solver, "status": status, "solved_at": length,
+                   "loss_from_length": profiled[source], "full_heads": int((choice == 0).sum())}
+    plan.expected = {length: {"kv_density": plan_kv_density(plan, length),
+                              "attention_density": plan_attention_density(plan, length), "influence_loss": None}}
+    return plan
 
 
 def uniform_window_plan(model, kv_density: float, length: int, *, sink: int, min_span: int, block_size: int,

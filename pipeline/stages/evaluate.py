@@ -1,8 +1,9 @@
 """stage=evaluate: every method x budget x task x length, through one runtime.
 
 Methods: ``dense``; per budget of ``optimize.density_budget``, ``moa`` (validate's selection), ``binary``
-(optimize's DuoAttention-style baseline) and ``uniform`` (one sink-plus-window for every head, sized at each
-length to the MoA plan's KV density there). Per (method, budget, task, length) it records accuracy with its 95%
+(DuoAttention-style: each head full or streaming, optimize's two rules solved again at each length for the MoA
+plan's KV density there, :func:`pipeline.optimize.baselines.binary_plan_at`) and ``uniform`` (one sink-plus-window
+for every head, sized at each length to the MoA plan's KV density there). Per (method, budget, task, length) it records accuracy with its 95%
 Wilson interval, agreement with dense's answers, KL from dense on dense's response tokens, held-out perplexity,
 prefill and per-token decode latency and their speed-up over dense (paired by prompt), KV bytes and densities
 (see :mod:`pipeline.evaluation.harness`).
@@ -31,6 +32,7 @@ from pipeline.evaluation.harness import (
 from pipeline.optimize.baselines import uniform_window_plan
 from pipeline.plan import load_plan, plan_kv_density
 from pipeline.settings import budget_label
+from pipeline.stages.optimize import binary_builder
 from pipeline.stages.registry import stage
 
 COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo", "acc_hi", "agree_dense",
@@ -50,10 +52,11 @@ def run_evaluate(ctx):
     loaded = ctx.load_model()
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
     plans = _budget_plans(ctx, info)  # refuses a wrong-model plan before any evaluation
+    binary_at = binary_builder(ctx, info)
     eos_ids = end_token_ids(model, tokenizer)
     rows = []
     for length in ctx.progress(settings.lengths, desc="evaluate lengths"):
-        methods = _methods(plans, info, length)
+        methods = _methods(plans, info, length, binary_at)
         cells = {m: ctx.partial_dir / f"{m.name}_{m.budget or 'all'}_{length}.json" for m in methods}
         if all(path.is_file() for path in cells.values()):
             rows += [row for path in cells.values() for row in json.loads(path.read_text())]
@@ -97,15 +100,17 @@ def _budget_plans(ctx, info) -> dict[str, dict]:
     return plans
 
 
-def _methods(plans: dict[str, dict], info, length: int) -> list[Method]:
-    """Dense first, then per budget: the MoA plan, the binary baseline and a uniform window at the MoA plan's KV
+def _methods(plans: dict[str, dict], info, length: int, binary_at) -> list[Method]:
+    """Dense first, then per budget: the MoA plan, and the binary baseline and a uniform window at the MoA plan's KV
     density at this length."""
     methods = [Method("dense", "", "dense", None)]
     for budget, chosen in plans.items():
         moa_id, moa = chosen["moa"]
-        binary_id, binary = chosen["binary"]
-        uniform = uniform_window_plan(info, plan_kv_density(moa, length), length, sink=moa.sink,
+        density = plan_kv_density(moa, length)
+        binary = binary_at(chosen["binary"][1], length, density)
+        uniform = uniform_window_plan(info, density, length, sink=moa.sink,
                                       min_span=moa.min_span, block_size=moa.block_size, granularity=moa.granularity)
+        binary_id = f"binary_full{binary.solver['full_heads']}_window{binary.solver['streaming_window']}"
         methods += [Method("moa", budget, moa_id, moa), Method("binary", budget, binary_id, binary),
                     Method("uniform", budget, f"uniform_window_{uniform.solver['window']}", uniform)]
     return methods
@@ -136,9 +141,7 @@ def _per_length(rows: pd.DataFrame) -> dict[str, float]:
 def _plan_run(ctx, method: str, budget: str):
     if method == "moa":
         return ctx.plan_runs.for_file(ctx.artifacts.selected_plan_at(budget), method=method, budget=budget)
-    if method == "binary":
-        return ctx.plan_runs.for_file(ctx.artifacts.binary_plan(budget), method=method, budget=budget)
-    return ctx.plan_runs.for_method(method, budget)
+    return ctx.plan_runs.for_method(method, budget)  # binary and uniform: rebuilt per length
 
 
 def _table(frame: pd.DataFrame) -> str:

@@ -9,11 +9,13 @@ settings and one summary per plan. Every plan is also a nested MLflow run with `
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.io import write_json
-from pipeline.optimize.baselines import binary_plan_choice
+from pipeline.optimize.baselines import binary_plan_at, binary_plan_choice
 from pipeline.optimize.figures import front_figure
 from pipeline.optimize.front import solve_front
 from pipeline.plan import Plan, describe_model, package_version, save_plan, validate_plan
@@ -24,6 +26,15 @@ from pipeline.stages.registry import stage
 def budget_group_size(granularity: str, info: dict) -> int:
     """Query heads whose rules share one KV head's cache: the group the KV budget counts once, at its widest span."""
     return info["num_heads"] // info["num_kv_heads"] if granularity == "head" else 1
+
+
+def binary_builder(ctx, info):
+    """``(template, length, kv_density) -> Plan``: the binary baseline solved again at one length
+    (:func:`pipeline.optimize.baselines.binary_plan_at`), with this run's loss table and solver settings."""
+    opt = ctx.settings.optimize
+    return partial(binary_plan_at, ctx.artifacts.load_loss_table(), solver=opt.solver, time_limit=opt.time_limit,
+                   gap_rel=opt.gap_rel,
+                   group_size=budget_group_size(ctx.settings.sparse.granularity, describe_model(info)))
 
 
 @stage("optimize", requires=("rules",), config_keys=("sparse", "rules", "optimize"),

@@ -1,7 +1,7 @@
 """stage=validate: score a shortlist of each budget's front on held-out samples at an unseen length; pick the best.
 
-Beside the shortlisted plans it scores the binary baseline of each budget and a uniform window at the selected
-plan's KV density. ``validate/results.csv`` has one row per scored plan (``plan, method, budget, length,
+Beside the shortlisted plans it scores two baselines at the selected plan's KV density at that length: the binary
+split solved again there (:func:`pipeline.optimize.baselines.binary_plan_at`) and a uniform window. ``validate/results.csv`` has one row per scored plan (``plan, method, budget, length,
 kv_density, attention_density, val_ppl, ppl_ratio_vs_dense``); ``validate/selected_<budget>.json`` is each
 budget's choice and ``plan.json`` the first budget's."""
 
@@ -20,6 +20,7 @@ from pipeline.optimize.baselines import uniform_window_plan
 from pipeline.plan import Plan, load_plan, plan_attention_density, plan_kv_density, save_plan
 from pipeline.settings import budget_label
 from pipeline.sparse_runtime import plan_applied
+from pipeline.stages.optimize import binary_builder
 from pipeline.stages.registry import stage
 
 SPLIT = "validation"
@@ -86,26 +87,27 @@ def run_validate(ctx):
         with plan_applied(model, plan, backend=backend, info=info):
             return scored()
 
+    binary_at = binary_builder(ctx, info)
     dense_ppl = scored()
     rows = [_row("dense", "dense", "", None, length, dense_ppl, dense_ppl)]
     selected, selected_plans = {}, {}
     for budget in (budget_label(b) for b in settings.optimize.budgets):
         entries = [e for e in front if e["budget"] == budget]
         chosen = shortlist([e for e in entries if e["method"] == "moa"], lengths, settings.validate.shortlist)
-        binary = [e for e in entries if e["method"] == "binary"]
-        plans = {Path(e["plan"]).name: _load(artifacts.plans_dir / Path(e["plan"]).name, info) for e in [*chosen, *binary]}
-        scored_rows = []
-        for name, plan in ctx.progress(plans.items(), desc=f"validate budget {budget}"):
-            method = "binary" if name.startswith("binary_") else "moa"
-            scored_rows.append(_row(name, method, budget, plan, length, scored_with(plan), dense_ppl))
-        candidates = [r for r in scored_rows if r["method"] == "moa"]
-        best = min(candidates, key=lambda r: (r["val_ppl"], r["kv_density"]))
+        plans = {Path(e["plan"]).name: _load(artifacts.plans_dir / Path(e["plan"]).name, info) for e in chosen}
+        scored_rows = [_row(name, "moa", budget, plan, length, scored_with(plan), dense_ppl)
+                       for name, plan in ctx.progress(plans.items(), desc=f"validate budget {budget}")]
+        best = min(scored_rows, key=lambda r: (r["val_ppl"], r["kv_density"]))
         best_plan = plans[best["plan"]]
+        # The baselines at the selected plan's KV density at this length: the binary split solved again here, and
+        # one uniform window.
+        binary = binary_at(_load(artifacts.binary_plan(budget), info), length, best["kv_density"])
         uniform = uniform_window_plan(info, best["kv_density"], length, sink=best_plan.sink,
                                       min_span=best_plan.min_span, block_size=best_plan.block_size,
                                       granularity=best_plan.granularity)
-        scored_rows.append(_row(f"uniform_{budget}", "uniform", budget, uniform, length, scored_with(uniform),
-                                dense_ppl))
+        scored_rows += [_row(f"binary_{budget}", "binary", budget, binary, length, scored_with(binary), dense_ppl),
+                        _row(f"uniform_{budget}", "uniform", budget, uniform, length, scored_with(uniform),
+                             dense_ppl)]
         rows += scored_rows
         selected[budget] = best
         selected_plans[budget] = best_plan
@@ -149,8 +151,9 @@ def _log_candidates(ctx, front: list[dict], rows: list[dict], length: int) -> No
 
 
 def _plan_run(ctx, row: dict):
-    """The plans-experiment run of a results row: its plan file's, or the method's (dense, uniform)."""
-    if row["method"] in ("dense", "uniform"):
+    """The plans-experiment run of a results row: its plan file's, or the method's (dense, and the baselines rebuilt
+    at this length)."""
+    if row["method"] in ("dense", "binary", "uniform"):
         return ctx.plan_runs.for_method(row["method"], row["budget"])
     return ctx.plan_runs.for_file(ctx.artifacts.plans_dir / row["plan"], method=row["method"], budget=row["budget"])
 
