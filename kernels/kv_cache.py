@@ -69,7 +69,7 @@ class PerHeadLayer(CacheLayerMixin):
         # Query heads whose span is below their group's ring must mask some cached tokens at decode.
         self.needs_keep = bool((self.query_spans.view(hkv, self.group) < self.ring.cpu().view(hkv, 1)).any())
         self.seen = 0
-        self._step_slots = None  # (total, Hkv) slot of each position, built at the first decode step
+        self._step_slots = None  # (total, Hkv) slot of each position, see _position_slots()
         self._bias = None  # (Hq * T + 1,) float32 decode mask, see decode_bias(); the last element is scratch
         self._bias_edits = None  # (first, hide, show), see _decode_mask_edits
         self.is_initialized = True
@@ -107,10 +107,7 @@ class PerHeadLayer(CacheLayerMixin):
             return key_states, value_states
         if n != 1:
             raise ValueError("per-head cache takes one prefill, then one token per step")
-        if self._step_slots is None:  # every decode position's slots, once: a step then only indexes them
-            positions = torch.arange(self.total, device=self.device).expand(self.ring.numel(), self.total)
-            self._step_slots = self._slots(positions).t().contiguous()  # (total, Hkv)
-        slots = self._step_slots[self.seen]  # (Hkv,)
+        slots = self._position_slots()[self.seen]  # (Hkv,)
         self.keys.index_copy_(1, slots, key_states[:, :, 0])
         self.values.index_copy_(1, slots, value_states[:, :, 0])
         if self._bias is not None:  # the new token's edits of the decode mask: what leaves a band, then the token
@@ -137,6 +134,14 @@ class PerHeadLayer(CacheLayerMixin):
             yield head, start + self.sink + slot, slice(first, first + run)
             if first + run < n:
                 yield head, start + self.sink, slice(first + run, n)
+
+    def _position_slots(self) -> torch.Tensor:
+        """``[total, Hkv]``: the packed slot of every token position in each KV head, built once (a decode step,
+        and the decode mask's edits, then only index it)."""
+        if self._step_slots is None:
+            positions = torch.arange(self.total, device=self.device).expand(self.ring.numel(), self.total)
+            self._step_slots = self._slots(positions).t().contiguous()  # (total, Hkv)
+        return self._step_slots
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Packed slot index of each token position (``[Hkv, n]`` -> ``[Hkv, n]``)."""
@@ -196,20 +201,15 @@ class PerHeadLayer(CacheLayerMixin):
         scratch = hq * slots
         positions = torch.arange(first, self.total, device=self.device).view(-1, 1)  # (P, 1)
         spans = self.query_spans.to(self.device).view(1, -1)  # (1, Hq)
-        owner = torch.arange(hq, device=self.device) // self.group  # (Hq,)
+        owner = torch.arange(hq, device=self.device).view(1, -1) // self.group  # (1, Hq)
         rows = torch.arange(hq, device=self.device).view(1, -1) * slots  # (1, Hq): each query head's row start
-        ring = self.ring[owner].view(1, -1)  # (1, Hq)
-
-        def slot_of(pos: torch.Tensor) -> torch.Tensor:  # (P, Hq) positions -> packed slots of their heads
-            pos = pos.clamp(min=0)
-            local = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
-            return self.starts[owner].view(1, -1) + local
+        slot_of = self._position_slots()  # (total, Hkv)
 
         shown = (spans >= 1) | (positions < self.sink)  # (P, Hq)
-        show = torch.where(shown, rows + slot_of(positions.expand(-1, hq)), scratch)
+        show = torch.where(shown, rows + slot_of[positions, owner], scratch)
         leaving = positions - spans  # (P, Hq)
-        hidden = (spans < ring) & (leaving >= self.sink)
-        hide = torch.where(hidden, rows + slot_of(leaving), scratch)
+        hidden = (spans < self.ring[owner]) & (leaving >= self.sink)
+        hide = torch.where(hidden, rows + slot_of[leaving.clamp(min=0), owner], scratch)
         return hide, show
 
     def _visible(self) -> torch.Tensor:

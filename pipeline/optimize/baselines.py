@@ -17,6 +17,7 @@ import copy
 
 import numpy as np
 
+from kernels.pattern import kv_density as kv_density_at
 from kernels.pattern import span_at
 from pipeline.optimize.front import PlanCandidate, solve_front
 from pipeline.plan import Plan, plan_attention_density, plan_kv_density
@@ -86,8 +87,8 @@ def binary_plan_at(table: dict, template: Plan, length: int, kv_density: float, 
     profiled = [int(n) for n in table["lengths"]]
     source = max([t for t, n in enumerate(profiled) if n <= length], default=0)
     loss = table["loss"][:, :, rules, source][..., None]  # (L, H, 2, 1)
-    spans = [span_at(a, b, length, template.min_span) for a, b in ((0.0, 1.0), (window, 0.0))]
-    share = np.array([min(template.sink + s, length) / length for s in spans])  # (2,) KV density of each rule
+    share = np.array([kv_density_at(length, span_at(a, b, length, template.min_span), template.sink)
+                      for a, b in ((0.0, 1.0), (window, 0.0))])  # (2,) KV density of each rule
     density = np.broadcast_to(share[None, None, :, None], loss.shape)  # (L, H, 2, 1)
     choice = np.ones(loss.shape[:2], dtype=int)  # (L, H): 1 = streaming
     status = "all_streaming"
