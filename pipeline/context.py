@@ -9,6 +9,7 @@ reaches an existing run. All of it goes through an explicit ``MlflowClient`` and
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,18 +65,30 @@ class StageContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def load_model(self):
+    def load_model(self, dtype: str | None = None):
         """The model, tokenizer and :class:`pipeline.models.ModelInfo`, loaded once per invocation onto the run's
-        device (``device=auto|cpu|cuda``; under torchrun with CUDA, this rank's current device)."""
+        device (``device=auto|cpu|cuda``; under torchrun with CUDA, this rank's current device).
+
+        ``dtype`` (a :data:`pipeline.settings.DTYPES` name) other than ``model.dtype`` gives a converted copy, made
+        once per invocation and dtype, so the stages that use the model as loaded never see it cast. Its info (and
+        fingerprint) is the loaded model's: the fingerprint names the weights as loaded."""
         from pipeline.errors import UserError
-        from pipeline.models import load_model
+        from pipeline.models import LoadedModel, load_model
+        from pipeline.settings import DTYPES
 
         if "loaded" not in self._model_cache:
             try:
                 self._model_cache["loaded"] = load_model(self.cfg.model, self.settings.run.torch_device())
             except ValueError as err:
                 raise UserError(str(err)) from None
-        return self._model_cache["loaded"]
+        loaded = self._model_cache["loaded"]
+        if dtype is None or dtype == self.settings.model.dtype:
+            return loaded
+        key = f"loaded:{dtype}"
+        if key not in self._model_cache:
+            converted = copy.deepcopy(loaded.model).to(DTYPES[dtype])
+            self._model_cache[key] = LoadedModel(converted, loaded.tokenizer, loaded.info)
+        return self._model_cache[key]
 
     # ---- tracking -------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:

@@ -58,6 +58,7 @@ TRACKING_SCHEMES = ("sqlite:", "http:", "https:", "file:", "postgresql:")
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql")
 SAMPLERS = ("tpe", "nsga2")
 PRUNERS = ("median", "none")
+ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIN_LENGTH = 16
 """The shortest calibration, profile or validation length."""
 BENCH_CPU_SEQ_LENS = (1024, 2048, 4096, 8192)
@@ -712,6 +713,9 @@ class AdaptersSettings:
     plan_training: bool
     """Also retrain the most accurate Pareto composition with the plan applied (``trial_<n>+plan``)."""
     backend: str
+    dtype: str
+    """The frozen base model's dtype in this stage: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (see
+    :meth:`compute_dtype`); the adapters themselves stay float32 on a half-precision base."""
     seed: int
     optuna: OptunaSettings
     lora_targets: tuple[str, ...]
@@ -768,6 +772,7 @@ class AdaptersSettings:
             plan=plan,
             plan_training=_bool("adapters.plan_training", read("plan_training")),
             backend=_choice("adapters.backend", read("backend"), PREFILL_BACKENDS),
+            dtype=_choice("adapters.dtype", read("dtype"), ADAPTER_DTYPES),
             seed=_int("adapters.seed", read("seed"), 0),
             optuna=OptunaSettings.from_cfg(cfg),
             lora_targets=_choice_list("adapters.baselines.lora_targets", baselines.get("lora_targets"), LORA_TARGETS),
@@ -777,6 +782,27 @@ class AdaptersSettings:
                                           LORA_TARGETS),
             moe_lora_top_k=top_k,
         )
+
+    def compute_dtype(self, model_dtype: str, device) -> str:
+        """The base model's dtype for this stage on ``device`` (a ``torch.device``), when the model was loaded as
+        ``model_dtype``: ``dtype`` itself, or for ``auto`` bfloat16 where the device computes it natively (CUDA
+        with bf16 support, a CPU with AVX512-BF16 or AMX), else ``model_dtype``."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if model_dtype == "bfloat16" or native_bfloat16(device) else model_dtype
+
+
+def native_bfloat16(device) -> bool:
+    """Whether ``device`` (a ``torch.device``) has bfloat16 matrix units: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX tiles (``torch.cpu``'s capability checks)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check() for check in checks if check is not None)
+    return False
 
 
 @dataclass(frozen=True)

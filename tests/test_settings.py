@@ -107,6 +107,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "adapters.search_space": (MISSING, FILE, "''"),
     "adapters.plan": (MISSING, "''"),
     "adapters.backend": ("warp",),
+    "adapters.dtype": ("float64", "half"),
     "adapters.seed": ("-1",),
     "adapters.optuna.trials": ("0", "abc"),
     "adapters.optuna.sampler": ("random",),

@@ -298,7 +298,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def attach_adapters(model: nn.Module, composition: Composition, *, seed: int = 0) -> AdapterSet:
     """Validate ``composition`` against ``model``, freeze the model, and attach fresh adapters (seeded by ``seed``,
-    leaving the global RNG as it was) on the model's device and dtype; returns them (also ``model.moa_adapters``)."""
+    leaving the global RNG as it was) on the model's device; returns them (also ``model.moa_adapters``).
+
+    The adapters take the model's dtype, except that on a half-precision base (bfloat16, float16) they stay in
+    float32, as peft's ``autocast_adapter_dtype`` does: the frozen base computes in half precision, while the
+    trained weights and their optimiser updates keep full precision (see :func:`adapter_dtype`)."""
     if hasattr(model, ATTRIBUTE):
         raise ValueError("adapters are already attached to this model; detach_adapters(model) first")
     validate_composition(composition, model)
@@ -308,9 +312,14 @@ def attach_adapters(model: nn.Module, composition: Composition, *, seed: int = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter_set = AdapterSet(composition, {i: layers[i] for i in range(first, last)})
-    adapter_set.to(device=reference.device, dtype=reference.dtype)
+    adapter_set.to(device=reference.device, dtype=adapter_dtype(reference.dtype))
     _install(model, adapter_set)
     return adapter_set
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapters are kept in on a base model of ``base_dtype``: float32 for a half-precision base."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
 
 
 def detach_adapters(model: nn.Module) -> None:

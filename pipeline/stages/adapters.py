@@ -82,8 +82,12 @@ def run_adapters(ctx):
     """Optuna search of adapter compositions, against the frozen base, single LoRA and MoE-LoRA."""
     settings = ctx.settings.adapters
     worker = settings.optuna.worker
-    loaded = ctx.load_model()
+    dtype = settings.compute_dtype(ctx.settings.model.dtype, ctx.settings.run.torch_device())
+    loaded = ctx.load_model(dtype)
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    print(f"adapters: frozen base in {dtype}, adapters in float32" if dtype in ("bfloat16", "float16")
+          else f"adapters: base and adapters in {dtype}", flush=True)
+    ctx.log_params({"base_dtype": dtype})
     plan = None if worker else _plan(ctx, settings, info)  # refuses a plan made for other weights before training
     _check_compositions(settings, model, info.num_layers)
     data = fitting.task_data(tokenizer, settings)
