@@ -83,6 +83,11 @@ CASES = [(arch, "heterogeneous-soft", HETEROGENEOUS) for arch in TINY_ARCHS] + [
         (ExpertSpec("lora", 4, targets=("q", "o", "up")), ExpertSpec("prompt", 2), ExpertSpec("parallel", 4, count=2)),
         RouterSpec("sparse", hidden=16, threshold_cap=0.8), layers=(1, 2))),
     ("mistral", "single-lora-none", Composition((ExpertSpec("lora", 2, targets=("k", "down")),), RouterSpec("none"))),
+    # Projections with different LoRA experts (q: the first, v: both, down: the second) in one layer: each needs
+    # its own gate from the layer's router weights.
+    ("llama", "two-lora-specs-soft", Composition(
+        (ExpertSpec("lora", 2, targets=("q", "v")), ExpertSpec("lora", 3, alpha=5.0, targets=("v", "down"))),
+        RouterSpec("soft"))),
 ]
 
 

@@ -48,10 +48,31 @@ ATTRIBUTE = "moa_adapters"
 
 
 class RoutingState:
-    """The router weights ``[B, T, E]`` of the decoder layer being run; None outside its forward."""
+    """The router weights ``[B, T, E]`` of the decoder layer being run; None outside its forward.
+
+    It also keeps the per-rank LoRA gates made from those weights (:meth:`gate`), so the projections of one layer
+    whose LoRA experts have the same ranks and scalings share one gate per forward; setting ``weights`` drops them.
+    """
 
     def __init__(self):
-        self.weights: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._gates: dict = {}
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._gates = {}
+
+    def gate(self, key, make) -> torch.Tensor:
+        """The gate ``make()`` builds from the current weights, built once per ``key`` and forward."""
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = make()
+        return gate
 
     def weights_for(self, x: torch.Tensor, where: str) -> torch.Tensor:
         w = self.weights
@@ -79,8 +100,9 @@ class AdaptedLinear(nn.Module):
         self.scale_input = scale_input
         self._experts = list(experts)
         self._routing = routing
+        self._ia3 = [(e, m) for e, m in self._experts if isinstance(m, IA3Expert)]
         lora = [(e, m) for e, m in self._experts if isinstance(m, LoRAExpert)]
-        self._lora = _RoutedLoRA(lora) if lora else None
+        self._lora = _RoutedLoRA(lora, routing) if lora else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -101,7 +123,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         """``bias=False`` drops the base bias (the prompt path uses ``o_proj`` as a linear map)."""
         w = self._routing.weights_for(x, self.name)  # (B, T, E)
-        ia3 = [(e, m) for e, m in self._experts if isinstance(m, IA3Expert)]
+        ia3 = self._ia3
         x_in = x
         if ia3 and self.scale_input:
             x_in = x + sum(w[..., e:e + 1] * m(x) for e, m in ia3).to(x.dtype)
@@ -124,26 +146,43 @@ class _RoutedLoRA:
     Without autograd (scoring, decoding) the stacked weights are kept between calls and rebuilt only when a weight
     changes: every in-place update (an optimiser step, ``load_state_dict``) bumps the tensor's version counter,
     and the cache is keyed on those counters. With autograd the stack is rebuilt on every call, so gradients reach
-    each expert's own weights."""
+    each expert's own weights.
 
-    def __init__(self, lora: list[tuple[int, LoRAExpert]]):
+    A decode step calls this for every adapted projection, so the per-call Python work is kept small: the expert
+    weights (the ``Parameter`` objects, which moving or loading the adapters updates in place) and the experts
+    with a dropout are listed once, and the gate ``w[..., index] * scaling`` comes from the layer's
+    :class:`RoutingState`, shared by its projections with the same experts."""
+
+    def __init__(self, lora: list[tuple[int, LoRAExpert]], routing: RoutingState):
         self.experts = lora
-        ranks = torch.tensor([m.A.out_features for _, m in lora])
-        self.router_index = torch.repeat_interleave(torch.tensor([e for e, _ in lora]), ranks)  # (R,)
-        self.scaling = torch.repeat_interleave(torch.tensor([float(m.scaling) for _, m in lora]), ranks)  # (R,)
+        self._routing = routing
+        ranks = [m.A.out_features for _, m in lora]
+        experts = [e for e, _ in lora]
+        scalings = [float(m.scaling) for _, m in lora]
+        self.router_index = torch.repeat_interleave(torch.tensor(experts), torch.tensor(ranks))  # (R,)
+        self.scaling = torch.repeat_interleave(torch.tensor(scalings), torch.tensor(ranks))  # (R,)
+        self._gate_key = (tuple(experts), tuple(ranks), tuple(scalings))
+        self._on_device: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._weights = [t for _, m in lora for t in (m.A.weight, m.B.weight)]
+        self._with_dropout = [m for _, m in lora if not isinstance(m.dropout, nn.Identity)]
         self._stacked: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # x (B, T, in), w (B, T, E) -> (B, T, out)
-        if any(m.training and not isinstance(m.dropout, nn.Identity) for _, m in self.experts):
+        if any(m.training for m in self._with_dropout):
             return sum(w[..., e:e + 1] * m(x) for e, m in self.experts)
         a, b = self._stacked_weights()  # (R, in), (out, R)
-        index, scaling = self.router_index.to(w.device), self.scaling.to(w.device)
-        gate = w.index_select(-1, index) * scaling  # (B, T, R)
+        gate = self._routing.gate(self._gate_key, lambda: self._gate(w))  # (B, T, R)
         h = F.linear(x.to(a.dtype), a)  # (B, T, R)
         return F.linear(h * gate.to(h.dtype), b)
 
+    def _gate(self, w: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, T, R)
+        if self._on_device is None or self._on_device[0] != w.device:
+            self._on_device = (w.device, self.router_index.to(w.device), self.scaling.to(w.device))
+        _, index, scaling = self._on_device
+        return w.index_select(-1, index) * scaling
+
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = [t for _, m in self.experts for t in (m.A.weight, m.B.weight)]
+        weights = self._weights
         if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
             self._stacked = None
             return self._stack()
@@ -153,8 +192,8 @@ class _RoutedLoRA:
         return self._stacked[1], self._stacked[2]
 
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.cat([m.A.weight for _, m in self.experts])  # (R, in)
-        b = torch.cat([m.B.weight for _, m in self.experts], dim=1)  # (out, R)
+        a = torch.cat(self._weights[0::2])  # (R, in)
+        b = torch.cat(self._weights[1::2], dim=1)  # (out, R)
         return a, b
 
 
