@@ -17,12 +17,15 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from pipeline.errors import UserError
 from pipeline.evaluation.scoring import wilson_interval
 from pipeline.run import main
 from pipeline.search.space import DEFAULT_SPACE, load_space
+from pipeline.settings import native_bfloat16
 from pipeline.stages.adapters import COLUMNS
 from tests.pipeline_helpers import run_stage
 
@@ -153,16 +156,10 @@ def test_every_method_is_one_mlflow_run_with_its_metrics(adapters_run):
     trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
     assert len(trial_runs) == len(_study(run_dir).trials)  # pruned trials too, none twice
     # The stage run records the dtype its frozen base computed in: adapters.dtype=auto resolved on this machine.
-    import torch
-
-    from pipeline.settings import native_bfloat16
-
     stage_run = client.search_runs([client.get_experiment_by_name("moa-autotune").experiment_id],
                                    filter_string="tags.stage = 'adapters'")[0]
     expected = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
     assert stage_run.data.params["base_dtype"] == expected
-    from safetensors.torch import load_file
-
     saved = sorted((run_dir / "adapters").glob("*/adapters.safetensors"))
     assert saved and {t.dtype for path in saved for t in load_file(path).values()} == {torch.float32}  # adapters
 

@@ -40,7 +40,7 @@ from pipeline.adapters import (
     save_adapters,
     validate_composition,
 )
-from pipeline.adapters.attach import decoder_layers, target_linear
+from pipeline.adapters.attach import adapter_dtype, decoder_layers, target_linear
 from pipeline.adapters.training import TrainingDiverged
 from pipeline.errors import UserError
 from pipeline.plan import load_plan
@@ -56,7 +56,7 @@ from pipeline.search.study import (
     open_study,
     pareto_numbers,
 )
-from pipeline.settings import budget_label
+from pipeline.settings import DTYPES, budget_label
 from pipeline.sparse_runtime import plan_applied_if
 from pipeline.stages.registry import stage
 from pipeline.tracking import Tracker
@@ -85,8 +85,8 @@ def run_adapters(ctx):
     dtype = settings.compute_dtype(ctx.settings.model.dtype, ctx.settings.run.torch_device())
     loaded = ctx.load_model(dtype)
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
-    print(f"adapters: frozen base in {dtype}, adapters in float32" if dtype in ("bfloat16", "float16")
-          else f"adapters: base and adapters in {dtype}", flush=True)
+    kept = str(adapter_dtype(DTYPES[dtype])).removeprefix("torch.")
+    print(f"adapters: frozen base in {dtype}, adapters in {kept}", flush=True)
     ctx.log_params({"base_dtype": dtype})
     plan = None if worker else _plan(ctx, settings, info)  # refuses a plan made for other weights before training
     _check_compositions(settings, model, info.num_layers)
