@@ -208,6 +208,7 @@ def _cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_killed_mid_trial_the_study_resumes_without_redoing_a_finished_trial(tmp_path):
     overrides = (*STAGE, "adapters.steps=60", "adapters.optuna.heartbeat_s=1", "adapters.optuna.pruner=none")
     process = _cli(tmp_path, *overrides)

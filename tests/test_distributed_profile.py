@@ -72,6 +72,7 @@ def assert_same_influence(run_dir: Path, oracle: Path) -> None:
         torch.testing.assert_close(influence(run_dir, n), influence(oracle, n), rtol=RTOL, atol=0)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_only_rank_0_writes(oracle, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -119,6 +120,7 @@ def launch(run_dir: Path, *args: str) -> subprocess.Popen:
     return launcher
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_the_job_quickly_and_a_rerun_resumes(oracle, tmp_path):
     run_dir = with_calibration(oracle, tmp_path / "r")
     partial = run_dir / "profile" / ".partial"
@@ -153,6 +155,7 @@ def test_killed_rank_fails_the_job_quickly_and_a_rerun_resumes(oracle, tmp_path)
 HUNG_TIMEOUT_S = 15
 
 
+@pytest.mark.slow
 def test_hung_rank_fails_the_others_at_the_collective_timeout(oracle, tmp_path):
     """A rank that stops answering (not dead, so torchrun sees nothing) fails rank 0 once its collective times
     out, with one clear line instead of a hang."""

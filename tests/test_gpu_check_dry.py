@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the whole script at tiny shapes: about 2 min on 2 cores
+
 REPO = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU_MACHINE = ("hydra", "omegaconf", "mlflow", "pulp", "optuna", "psycopg", "psycopg2")
 COLUMNS = {

@@ -73,6 +73,7 @@ def test_surplus_and_need_count_every_workers_trials(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_workers_record_every_trial_exactly_once_after_one_is_killed(tmp_path, postgres_db):
     storage = f"adapters.optuna.storage={postgres_db}"
     workers = [_cli(tmp_path, *SEARCH, storage, "adapters.optuna.worker=true") for _ in range(2)]

@@ -116,6 +116,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tracking_server_receives_runs(tmp_path):
     """A real MLflow tracking server on the loopback, selected with tracking.uri."""
     port = _free_port()
