@@ -183,6 +183,8 @@ def test_other_stages_are_refused_under_torchrun(tmp_path):
     result = run(tmp_path / "r", "stage=all", ranks=2, timeout=60)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: only stage=profile runs under torchrun; run the other stages in one process"] * 2
+    # torchrun stops the other rank as soon as one exits with an error, so the second rank may never print its own
+    assert errors[:1] == ["error: only stage=profile runs under torchrun; run the other stages in one process"]
+    assert set(errors) == set(errors[:1]) and len(errors) <= 2
     assert f'File "{REPO / "pipeline"}' not in result.stderr  # no traceback from the pipeline itself
     assert not (tmp_path / "r" / "mlflow.db").exists()
