@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.artifacts import ArtifactError, RunArtifacts
 
 METHOD_ORDER = {"moa": 0, "binary": 1, "uniform": 2}
@@ -17,16 +19,16 @@ def final_summary(cfg, run_dir: Path) -> str:
         results = artifacts.load_validation_results()
     except ArtifactError:
         return f"no plan selected yet: {artifacts.validation_results} is missing (stage validate has not run)"
-    results = results.fillna({"budget": ""}).astype({"budget": str})
+    results["budget"] = ["" if pd.isna(b) else str(b) for b in results["budget"]]
     dense = float(results.loc[results["method"] == "dense", "val_ppl"].iloc[0])
     length = int(results["length"].iloc[0])
     lines = ["", f"Validation perplexity at the unseen length N={length} (dense {dense:.4f}):"]
     first = None
     for budget, rows in results[results["method"] != "dense"].groupby("budget", sort=False):
         moa = rows[rows["method"] == "moa"]
-        best = moa.loc[moa["val_ppl"].idxmin()]
+        best = moa[moa["selected"]].iloc[0]
         first = first or (budget, best["plan"])
-        lines.append(f"  budget {budget}: selected {best['plan']} (best of {len(moa)} shortlisted), "
+        lines.append(f"  budget {budget}: selected {best['plan']} ({len(moa)} shortlisted), "
                      f"{artifacts.selected_plan_at(budget)}")
         for _, row in rows.sort_values("method", key=lambda m: m.map(METHOD_ORDER)).iterrows():
             lines.append(f"    {row['method']:<8} {row['plan']:<16} KV density {row['kv_density']:.3f}, attention density "

@@ -515,6 +515,9 @@ class ValidateSettings:
     backend: str
     shortlist: int
     """Front plans scored per budget: the compromise plans of the front (see ``stages.validate.shortlist``)."""
+    tie_tolerance: float
+    """Relative perplexity within which shortlisted plans count as tied; the first in compromise order wins a tie
+    (see ``stages.validate.select``)."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, *, need_length: bool = True) -> ValidateSettings:
@@ -525,6 +528,8 @@ class ValidateSettings:
             length=validation_length(cfg, read("length"), need_length),
             samples=_int("validate.samples", read("samples"), 1),
             shortlist=_int("validate.shortlist", read("shortlist"), 1),
+            tie_tolerance=_number("validate.tie_tolerance", read("tie_tolerance"), lambda x: 0 <= x < 1,
+                                  "a number in [0, 1)"),
             backend=_choice("validate.backend", read("backend"), PREFILL_BACKENDS),
         )
 

@@ -1,10 +1,11 @@
-"""The validation shortlist: the front plans nearest the ideal point, not the extreme plan of one length."""
+"""The validation shortlist (the front plans nearest the ideal point, not the extreme plan of one length) and the
+choice among it (the first in compromise order within a perplexity tolerance of the best)."""
 
 from __future__ import annotations
 
 import random
 
-from pipeline.stages.validate import shortlist
+from pipeline.stages.validate import select, shortlist
 
 LENGTHS = [512, 1024, 2048]
 
@@ -42,3 +43,34 @@ def test_no_plan_left_out_is_nearer_the_ideal_than_one_taken():
 
 def test_an_empty_front_gives_an_empty_shortlist():
     assert shortlist([], LENGTHS, 3) == []
+
+
+def _scored(*ppls: float) -> list[dict]:
+    return [{"plan": f"p{i}", "val_ppl": ppl} for i, ppl in enumerate(ppls)]
+
+
+def test_a_plan_within_the_tolerance_of_the_least_perplexity_keeps_its_compromise_rank():
+    rows = _scored(1.0040, 1.0025, 1.0070)  # in compromise order; p1 is least, p0 within 0.5% of it
+    assert select(rows, 0.005)["plan"] == "p0"
+    assert select(rows, 0.001)["plan"] == "p1"
+    assert select(rows, 0.0)["plan"] == "p1"
+
+
+def test_the_choice_is_the_first_tied_plan_and_never_worse_than_the_tolerance():
+    rng = random.Random(1)
+    for _ in range(200):
+        rows = _scored(*(rng.uniform(1.0, 1.05) for _ in range(rng.randint(1, 6))))
+        tolerance = rng.choice([0.0, 0.002, 0.01, 0.05])
+        least = min(r["val_ppl"] for r in rows)
+        tied = [r for r in rows if r["val_ppl"] <= least * (1 + tolerance)]  # brute force over the rows
+        chosen = select(rows, tolerance)
+        assert chosen is tied[0]
+        if tolerance == 0.0:
+            assert chosen["val_ppl"] == least
+
+
+def test_perplexity_noise_below_the_tolerance_does_not_change_the_choice():
+    # The same shortlist scored on two CPUs: the order of the two best swaps by 0.15%, the choice does not.
+    one_cpu, other_cpu = _scored(1.0014, 1.0043, 1.0067), _scored(1.0039, 1.0026, 1.0051)
+    assert select(one_cpu, 0.005)["plan"] == select(other_cpu, 0.005)["plan"] == "p0"
+    assert select(one_cpu, 0.0)["plan"] != select(other_cpu, 0.0)["plan"]

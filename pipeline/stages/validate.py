@@ -2,8 +2,8 @@
 
 Beside the shortlisted plans it scores two baselines at the selected plan's KV density at that length: the binary
 split solved again there (:func:`pipeline.optimize.baselines.binary_plan_at`) and a uniform window. ``validate/results.csv`` has one row per scored plan (``plan, method, budget, length,
-kv_density, attention_density, val_ppl, ppl_ratio_vs_dense``); ``validate/selected_<budget>.json`` is each
-budget's choice and ``plan.json`` the first budget's."""
+kv_density, attention_density, val_ppl, ppl_ratio_vs_dense, selected``); ``validate/selected_<budget>.json`` is
+each budget's choice (:func:`select`) and ``plan.json`` the first budget's."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def shortlist(entries: list[dict], lengths: list[int], size: int) -> list[dict]:
     return sorted(entries, key=key)[:size]
 
 
+def select(rows: list[dict], tie_tolerance: float) -> dict:
+    """The plan validation keeps from ``rows`` (scored shortlist rows, in compromise order): the first whose held-out
+    perplexity is within ``tie_tolerance`` (relative) of the least. Perplexities a few tenths of a percent apart
+    swap places between CPUs (README, Validation), so a strict minimum would pick another plan on another machine;
+    within the tolerance the front's own ranking decides."""
+    least = min(row["val_ppl"] for row in rows)
+    return next(row for row in rows if row["val_ppl"] <= least * (1.0 + tie_tolerance))
+
+
 @stage("validate", requires=("optimize",), config_keys=("sparse", "calibration", "profile", "optimize", "validate"),
        outputs=("plan.json", "validate/"))
 def run_validate(ctx):
@@ -97,7 +106,7 @@ def run_validate(ctx):
         plans = {Path(e["plan"]).name: _load(artifacts.plans_dir / Path(e["plan"]).name, info) for e in chosen}
         scored_rows = [_row(name, "moa", budget, plan, length, scored_with(plan), dense_ppl)
                        for name, plan in ctx.progress(plans.items(), desc=f"validate budget {budget}")]
-        best = min(scored_rows, key=lambda r: (r["val_ppl"], r["kv_density"]))
+        best = select(scored_rows, settings.validate.tie_tolerance)
         best_plan = plans[best["plan"]]
         # The baselines at the selected plan's KV density at this length: the binary split solved again here, and
         # one uniform window.
@@ -117,6 +126,7 @@ def run_validate(ctx):
 
     frame = pd.DataFrame(rows)
     frame.insert(3, "length", length)
+    frame["selected"] = [any(row is best for best in selected.values()) for row in rows]
     io.write_csv(artifacts.validation_results, frame)
     first = next(iter(selected))
     save_plan(selected_plans[first], artifacts.selected_plan)
