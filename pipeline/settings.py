@@ -346,6 +346,8 @@ class ProfileSettings:
     long_range: float
     collective_timeout_s: float
     """Under torchrun: how long a collective waits for the other ranks before the job fails."""
+    answer_weight: float
+    """Weight of the mean NLL of the answer tokens added to the response mean (``pipeline.profile.loss``)."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ProfileSettings:
@@ -366,6 +368,7 @@ class ProfileSettings:
             long_range=_fraction("profile.long_range", read("long_range")),
             collective_timeout_s=_number("profile.collective_timeout_s", read("collective_timeout_s"),
                                          lambda x: x > 0, "a number of seconds > 0"),
+            answer_weight=_number("profile.answer_weight", read("answer_weight"), lambda x: x >= 0, "a number >= 0"),
         )
 
     @property

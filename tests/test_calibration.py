@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.calibration.builder import chat_ids, make_item
+from pipeline.calibration.builder import answer_positions, chat_ids, make_item
 from pipeline.calibration.tasks import TASKS
 from pipeline.models import byte_tokenizer, load_model
 from pipeline.run import compose
@@ -47,6 +47,9 @@ def test_loss_mask_covers_exactly_the_response(calibrated):
         assert data["input_ids"][row, :start].tolist() == prompt
         expected = torch.zeros(LENGTH, dtype=torch.uint8)
         expected[start:end] = 1
+        response = data["input_ids"][row, start:end].tolist()
+        expected[[start + i for i in answer_positions(loaded.tokenizer, response, item.answer)]] = 2
+        assert (expected == 2).any() == record["correct"] and record["answer_tokens"] == int((expected == 2).sum())
         assert torch.equal(data["loss_mask"][row], expected)
         assert (data["input_ids"][row, end:] == loaded.tokenizer.pad_token_id).all()
 
@@ -73,3 +76,51 @@ def test_answer_is_stated_far_back_in_the_prompt(task):
     assert len(chat_ids(tokenizer, item.prompt)) <= 2048 - 16
     position = item.prompt.find(item.answer)
     assert 0 <= position < len(item.prompt) - 150, "the answer must appear in the context, not next to the question"
+
+
+def test_answer_positions_are_the_answer_and_the_token_before_it():
+    tokenizer = byte_tokenizer()  # one token per character here
+    text = "The secret number is 25,252. Yes, 25 252."
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    first, second = text.index("25,252"), text.index("25 252")
+    want = [first - 1, *range(first, first + 6), second - 1, *range(second, second + 6)]
+    assert list(answer_positions(tokenizer, ids, "25252")) == want
+    assert answer_positions(tokenizer, ids, "99999") == ()
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE with merges, so tokens span several characters and digits group unevenly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [f"The secret number is {n}. It was founded in the year {n % 2000}." for n in range(10000, 10400)]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+def test_answer_positions_match_brute_force_over_token_ranges():
+    """Oracle: the minimal token ranges whose decoded text (commas and spaces dropped) contains the answer, each
+    with the token before it."""
+    import random
+    tokenizer = _bpe_tokenizer()
+    rng = random.Random(0)
+    marked = 0
+    for _ in range(60):
+        answer = str(rng.randrange(100, 99999))
+        parts = ["The number is", answer if rng.random() < 0.7 else "none", ", so", answer if rng.random() < 0.3 else "",
+                 "and", str(rng.randrange(10, 999)), "."]
+        ids = tokenizer.encode(" ".join(parts), add_special_tokens=False)
+        covers = lambda a, b: answer in tokenizer.decode(ids[a:b]).replace(",", "").replace(" ", "")  # noqa: E731
+        want = set()
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids) + 1):
+                if covers(a, b) and not covers(a + 1, b) and not covers(a, b - 1):
+                    want.update(range(a, b))
+                    if a:
+                        want.add(a - 1)
+        assert set(answer_positions(tokenizer, ids, answer)) == want, (answer, parts)
+        marked += bool(want)
+    assert 30 < marked < 60

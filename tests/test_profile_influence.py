@@ -161,6 +161,43 @@ def test_kv_head_granularity_sums_query_heads(heads, kv_heads):
     assert close(per_kv, want)
 
 
+@pytest.mark.parametrize("answer_weight", [0.5, 3.0])
+def test_answer_tokens_add_their_own_mean_to_the_response_mean(answer_weight):
+    """Oracle: per-token cross-entropy from full logits, mean over the response plus the weighted answer mean."""
+    model = tiny64()
+    ids, mask = sample(30, seed=6)
+    mask[[22, 23, 24]] = 2  # ANSWER: still response tokens
+    with torch.no_grad():
+        logits = model(input_ids=ids.view(1, -1)).logits[0]  # (n, V)
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")  # (n - 1,): predicts t >= 1
+        response, answer = nll[mask[1:] > 0], nll[mask[1:] == 2]
+        want = response.mean() + answer_weight * answer.mean()
+        got = response_loss(model, ids, mask, answer_weight=answer_weight)
+        plain = response_loss(model, ids, mask)
+    assert torch.isclose(got, want, rtol=1e-12)
+    assert torch.isclose(plain, response.mean(), rtol=1e-12)  # weight 0: the plain mean over every response token
+    assert not torch.isclose(got, plain)
+
+
+def test_a_response_without_answer_tokens_keeps_the_plain_mean():
+    model = tiny64()
+    ids, mask = sample(30, seed=6)
+    with torch.no_grad():
+        assert torch.equal(response_loss(model, ids, mask, answer_weight=2.0), response_loss(model, ids, mask))
+
+
+def test_answer_weight_reaches_the_influence():
+    """The profile's influence is the loss's: answer weighting changes it, and weight 0 is the plain profile."""
+    model = tiny64()
+    ids, mask = sample(48, seed=3, response_from=2 / 3)
+    answered = mask.clone()
+    answered[40:43] = 2
+    plain = attention_influence(model, ids, mask, 16, dtype=torch.float64)
+    assert close(attention_influence(model, ids, answered, 16, dtype=torch.float64, answer_weight=0.0), plain)
+    weighted = attention_influence(model, ids, answered, 16, dtype=torch.float64, answer_weight=2.0)
+    assert not close(weighted, plain, rtol=1e-3)
+
+
 def test_response_loss_is_the_shifted_label_loss():
     """Against the textbook shift on full logits: logits[:-1] predict labels[1:], -100 outside the response."""
     model = tiny64()

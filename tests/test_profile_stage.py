@@ -117,6 +117,25 @@ def test_profile_averages_samples_and_writes_artifacts(tmp_path, loaded):
     assert [step for m, step in ctx.metrics if "layer_influence_mass@40" in m] == [0, 1]
 
 
+@pytest.mark.parametrize("answer_weight", [0.0, 2.0])
+def test_the_stage_weights_answer_tokens_as_configured(tmp_path, loaded, answer_weight):
+    tensors = write_calibration(tmp_path, 40, [40, 33])
+    tensors["loss_mask"][0, 30:34] = 2  # ANSWER tokens in the first sample only
+    save_file(tensors, str(tmp_path / "calibrate" / "calibration_40.safetensors"))
+    profile_stage.run_profile(make_ctx(make_cfg([40], answer_weight=answer_weight), tmp_path, loaded))
+    got = load_file(tmp_path / "profile" / "influence_40.safetensors")["influence"]
+    nb = math.ceil(40 / BLOCK)
+    want = torch.zeros(2, 2, nb, nb, dtype=torch.float64)  # oracle: the public API with the same weight
+    for s in (0, 1):
+        real = int(tensors["lengths"][s])
+        one = attention_influences(loaded.model, tensors["input_ids"][s, :real], tensors["loss_mask"][s, :real],
+                                   BLOCK, answer_weight=answer_weight)[0]
+        want[..., : one.shape[-2], : one.shape[-1]] += one.double() / 2
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    plain = direct_mean(loaded.model, tensors, 40, [0, 1])  # every response token alike
+    assert torch.allclose(got, plain, rtol=1e-6, atol=0) == (answer_weight == 0)
+
+
 def test_interrupted_profile_resumes_to_the_same_result(tmp_path, loaded, monkeypatch):
     for run in ("fresh", "broken"):
         write_calibration(tmp_path / run, 40, [40, 38, 35, 30, 25])

@@ -72,6 +72,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "validate.backend": ("warp",),
     "validate.shortlist": ("0", "abc"),
     "validate.tie_tolerance": ("-0.01", "1", "abc"),
+    "profile.answer_weight": ("-1", "abc", "true"),
     "evaluate.tasks": ("[bogus]", "[]", "passkey"),
     "evaluate.lengths": ("[0]", "[]", ("[99999]", "99999")),
     "evaluate.samples": ("0", "true"),

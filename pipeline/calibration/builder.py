@@ -2,8 +2,10 @@
 
 A sample of length ``N`` is ``prompt | response | padding``: the chat-formatted prompt fills at most
 ``N - max_new_tokens`` tokens, the response is the model's greedy continuation (up to and including its end
-token), and the tail is padded to exactly ``N``. The loss mask is 1 on the response tokens only; padding comes
-after everything it could influence, so it changes no loss and no attention of earlier positions.
+token), and the tail is padded to exactly ``N``. The loss mask is non-zero on the response tokens only: 2
+(``ANSWER``) on the tokens that state the gold answer and the one before them (:func:`answer_positions`), 1
+(``RESPONSE``) on the others. Padding comes after everything it could influence, so it changes no loss and no
+attention of earlier positions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.calibration.tasks import TASKS, TaskItem, item_rng
+from pipeline.evaluation.response_loss import ANSWER, RESPONSE
 
 
 @dataclass
@@ -21,10 +24,41 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     response_text: str
+    answer_positions: tuple[int, ...] = ()
+    """Indices into ``response_ids`` of the answer tokens (:func:`answer_positions`)."""
 
     @property
     def correct(self) -> bool:
-        return self.item.answer in self.response_text.replace(",", "").replace(" ", "")
+        return self.item.answer in _without_separators(self.response_text)[0]
+
+
+def _without_separators(text: str) -> tuple[str, list[int]]:
+    """``text`` without commas and spaces (how answers are matched), and each kept character's index in ``text``."""
+    kept = [i for i, ch in enumerate(text) if ch not in ", "]
+    return "".join(text[i] for i in kept), kept
+
+
+def answer_positions(tokenizer, response_ids: list[int], answer: str) -> tuple[int, ...]:
+    """The response tokens that state ``answer`` (every occurrence, matched as :attr:`Sample.correct` matches it)
+    and, before each occurrence, the token where the model commits to stating it: for ``The number is 25252``,
+    the space before the digits and the five digit tokens. Empty when the response does not contain the answer."""
+    if not answer:
+        return ()
+    # Character offsets of each token in the decoded response: token i covers [ends[i - 1], ends[i]).
+    ends = [len(tokenizer.decode(response_ids[: i + 1], skip_special_tokens=True)) for i in range(len(response_ids))]
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    squeezed, index = _without_separators(text)
+    positions: set[int] = set()
+    start = squeezed.find(answer)
+    while start >= 0:
+        first_char, last_char = index[start], index[start + len(answer) - 1]
+        tokens = [i for i in range(len(response_ids))
+                  if (ends[i - 1] if i else 0) <= last_char and ends[i] > first_char]
+        positions.update(tokens)
+        if tokens and tokens[0] > 0:
+            positions.add(tokens[0] - 1)
+        start = squeezed.find(answer, start + 1)
+    return tuple(sorted(positions))
 
 
 def chat_ids(tokenizer, user_text: str) -> list[int]:
@@ -79,7 +113,8 @@ def build_sample(model, tokenizer, item: TaskItem, max_new_tokens: int) -> Sampl
     prompt_ids = chat_ids(tokenizer, item.prompt)
     response_ids = greedy_response(model, prompt_ids, max_new_tokens, end_token_ids(model, tokenizer))
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    return Sample(item=item, prompt_ids=prompt_ids, response_ids=response_ids, response_text=text)
+    return Sample(item=item, prompt_ids=prompt_ids, response_ids=response_ids, response_text=text,
+                  answer_positions=answer_positions(tokenizer, response_ids, item.answer))
 
 
 def build_samples(model, tokenizer, *, tasks: list[str], length: int, count: int, max_new_tokens: int, split: str,
@@ -111,7 +146,8 @@ def pack(samples: list[Sample], length: int, pad_id: int) -> dict[str, torch.Ten
         if len(tokens) > length:
             raise ValueError(f"sample of {len(tokens)} tokens exceeds length {length}")
         input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        loss_mask[row, len(sample.prompt_ids) : len(tokens)] = 1
+        loss_mask[row, len(sample.prompt_ids) : len(tokens)] = RESPONSE
+        loss_mask[row, [len(sample.prompt_ids) + i for i in sample.answer_positions]] = ANSWER
         lengths[row] = len(tokens)
         prompt_lengths[row] = len(sample.prompt_ids)
     return {"input_ids": input_ids, "loss_mask": loss_mask, "lengths": lengths, "prompt_lengths": prompt_lengths}

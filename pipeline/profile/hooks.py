@@ -101,15 +101,17 @@ class _Capture:
         return out, None
 
 
-def capture_attention(model, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list[LayerStash]:
-    """One forward+backward pass of :func:`response_loss`; returns one stash per attention layer, in call order.
+def capture_attention(model, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                      answer_weight: float = 0.0) -> list[LayerStash]:
+    """One forward+backward pass of :func:`response_loss` (with ``answer_weight``); returns one stash per attention
+    layer, in call order.
 
     Parameters are frozen for the pass, so backward computes activation gradients only. A layer whose output
     does not influence the loss gets zero ``dO``.
     """
     capture = _Capture()
     with attention_implementation(model, CAPTURE_NAME, capture), frozen_parameters(model):
-        loss = response_loss(model, input_ids, loss_mask, grad_inputs=True)
+        loss = response_loss(model, input_ids, loss_mask, grad_inputs=True, answer_weight=answer_weight)
         loss.backward()
     for stash in capture.stashes:
         if stash.grad_out is None:

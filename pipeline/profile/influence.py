@@ -108,24 +108,25 @@ def layer_influences(stash: LayerStash, block_size: int, dtype=torch.float32) ->
 
 
 def attention_influence(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, block_size: int = 64,
-                        granularity: str = "kv_head", dtype=torch.float32) -> torch.Tensor:
+                        granularity: str = "kv_head", dtype=torch.float32, answer_weight: float = 0.0) -> torch.Tensor:
     """Block sums of ``|E_ij|`` for one sample: ``[L, H, nb, nb]``, ``nb = ceil(n / block_size)``.
 
     ``input_ids`` and ``loss_mask`` are ``[n]`` (one unpadded sequence); the loss is
-    :func:`pipeline.profile.loss.response_loss`. Rows are query blocks, columns key blocks (lower triangular).
+    :func:`pipeline.profile.loss.response_loss` with ``answer_weight``. Rows are query blocks, columns key blocks (lower triangular).
     ``H`` is the number of KV heads for ``granularity="kv_head"`` (sum over each group's query heads) and of
     query heads for ``"head"``. ``dtype`` is the recomputation precision (float32; float64 in tests).
     """
-    return attention_influences(model, input_ids, loss_mask, block_size, granularity, dtype)[0]
+    return attention_influences(model, input_ids, loss_mask, block_size, granularity, dtype, answer_weight)[0]
 
 
 def attention_influences(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, block_size: int = 64,
-                         granularity: str = "kv_head", dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                         granularity: str = "kv_head", dtype=torch.float32,
+                         answer_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_influence` and the signed block sums of ``E_ij`` from the same pass: two
     ``[L, H, nb, nb]``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    stashes = capture_attention(model, input_ids, loss_mask)
+    stashes = capture_attention(model, input_ids, loss_mask, answer_weight)
     num_kv_heads = stashes[0].k.shape[0]
     absolute, net = [], []
     while stashes:

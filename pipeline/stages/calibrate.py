@@ -55,6 +55,7 @@ def run_calibrate(ctx):
                     "correct": s.correct,
                     "prompt_tokens": len(s.prompt_ids),
                     "response_tokens": len(s.response_ids),
+                    "answer_tokens": len(s.answer_positions),
                 }
                 for i, s in enumerate(samples)
             ]

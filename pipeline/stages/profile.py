@@ -157,7 +157,7 @@ def _sample_influence(model, samples: dict, s: int, max_positions: int, settings
     # Tail padding is causal-invisible to the real tokens, so the sample is profiled at its real length;
     # blocks past it stay zero.
     return attention_influences(model, ids, mask.to(device), settings.block_size, settings.granularity,
-                                settings.torch_dtype)
+                                settings.torch_dtype, settings.answer_weight)
 
 
 def _length_summary(ctx, influence: torch.Tensor, metadata: dict[str, str], n: int,
