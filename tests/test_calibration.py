@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -91,20 +92,20 @@ def test_answer_positions_are_the_answer_and_the_token_before_it():
 def _bpe_tokenizer():
     """A byte-level BPE with merges, so tokens span several characters and digits group unevenly."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     corpus = [f"The secret number is {n}. It was founded in the year {n % 2000}." for n in range(10000, 10400)]
     core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
 def test_answer_positions_match_brute_force_over_token_ranges():
     """Oracle: the minimal token ranges whose decoded text (commas and spaces dropped) contains the answer, each
     with the token before it."""
-    import random
     tokenizer = _bpe_tokenizer()
     rng = random.Random(0)
     marked = 0
@@ -113,7 +114,8 @@ def test_answer_positions_match_brute_force_over_token_ranges():
         parts = ["The number is", answer if rng.random() < 0.7 else "none", ", so", answer if rng.random() < 0.3 else "",
                  "and", str(rng.randrange(10, 999)), "."]
         ids = tokenizer.encode(" ".join(parts), add_special_tokens=False)
-        covers = lambda a, b: answer in tokenizer.decode(ids[a:b]).replace(",", "").replace(" ", "")  # noqa: E731
+        def covers(a, b, ids=ids, answer=answer):
+            return answer in tokenizer.decode(ids[a:b]).replace(",", "").replace(" ", "")
         want = set()
         for a in range(len(ids)):
             for b in range(a + 1, len(ids) + 1):
