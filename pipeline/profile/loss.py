@@ -34,7 +34,7 @@ def response_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, *, gr
     """
     targets = loss_targets(loss_mask)  # (T,)
     answer = targets[loss_mask[targets] == ANSWER]  # (|A|,)
-    if answer_weight == 0 or answer.numel() == 0 or targets.numel() == 0:
+    if answer_weight == 0 or answer.numel() == 0:  # the plain mean (sequence_nll raises when T is empty)
         total, count = sequence_nll(model, input_ids, loss_mask, grad_inputs=grad_inputs)
         return total / count
     weights = torch.zeros(loss_mask.shape, dtype=torch.float64)  # (n,)
