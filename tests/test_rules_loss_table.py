@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.pattern import token_mask
+from kernels.pattern import span_at, token_mask
 from pipeline.rules.grid import load_grid
-from pipeline.rules.loss_table import BlockInfluence, band_pairs
+from pipeline.rules.loss_table import BlockInfluence, band_pairs, rule_table
 from pipeline.rules.scaling import fit_span_scaling
 
 GRID = "search_spaces/elastic_rules.yaml"
@@ -101,11 +102,63 @@ def test_fit_is_exact_on_a_line_and_constant_spans():
 def test_default_grid_is_tens_of_valid_rules():
     lengths = [512, 1024, 2048]
     rules = load_grid(GRID, lengths, sink=64, min_span=64, block_size=64)
-    assert 40 <= len(rules) <= 60
+    assert 40 <= len(rules) <= 100
     assert len(set(rules)) == len(rules)
     assert any(r.alpha < 0 for r in rules) and {r.beta for r in rules} >= {0.0, 0.5, 1.0}
     for r in rules:
-        assert all(1 <= r.alpha + r.beta * n <= n for n in lengths)
+        assert all(1 <= r.alpha + r.beta * n <= (n if r.beta <= 1 else math.inf) for n in lengths)
+
+
+@pytest.mark.parametrize("lengths", [[512, 1024, 2048], [256, 512], [640, 1280]])
+def test_default_grid_is_every_valid_block_multiple_from_each_slopes_lowest_alpha(lengths):
+    """Oracle: brute force over every block multiple of alpha from -3 N_max to N_max and the file's slopes, with the
+    spans evaluated through :func:`kernels.pattern.span_at`. The grid keeps exactly the rules whose raw span is at
+    least 1 everywhere, that are not full at the shortest length unless ``beta <= 1`` (then never above ``N``), and
+    whose alpha is at least the largest block multiple where the slope keeps ``min_span`` at the shortest length."""
+    min_span, block = 64, 64
+    betas = yaml.safe_load(open(GRID))["beta"]
+    shortest = lengths[0]
+
+    def valid(a, b):
+        raws = [a + b * n for n in lengths]
+        if min(raws) < 1:
+            return False
+        return raws[0] < shortest if b > 1 else all(r <= n for r, n in zip(raws, lengths, strict=True))
+
+    expected = {(float(a), float(b)) for a in range(-3 * lengths[-1], lengths[-1] + 1, block) for b in betas
+                if a >= (min_span - b * shortest) // block * block and valid(a, b)}
+    rules = load_grid(GRID, lengths, sink=64, min_span=min_span, block_size=block)
+    assert {(r.alpha, r.beta) for r in rules} == expected
+    for beta in betas:  # each slope's narrowest rule keeps min_span at the shortest length
+        narrowest = min(r.alpha for r in rules if r.beta == beta)
+        assert span_at(narrowest, beta, shortest, min_span) == min_span
+    switch = [r for r in rules if r.beta > 1]
+    assert switch, "the default grid has rules that turn full as N grows"
+    for r in switch:  # narrower than full at the shortest length, full from -alpha / (beta - 1) on
+        assert span_at(r.alpha, r.beta, shortest, min_span) < shortest
+        full_from = math.ceil(-r.alpha / (r.beta - 1))
+        assert span_at(r.alpha, r.beta, full_from, min_span) == full_from
+        assert span_at(r.alpha, r.beta, full_from - 1, min_span) < full_from - 1
+
+
+def test_switch_rule_losses_are_the_full_rules_where_full_and_the_windows_where_narrow():
+    """A rule above N (``beta > 1``) is clamped to full attention: in the loss table it costs what the full rule
+    costs at lengths where it is full, and what its clamped window costs where it is narrow."""
+    torch.manual_seed(0)
+    frames = {}
+    for n in (256, 512):
+        nb = n // 64
+        blocks = torch.rand(2, 3, nb, nb)
+        frames[n] = (blocks, rule_table(BlockInfluence.from_blocks(blocks, n, 64, 64),
+                                        np.array([-384.0, 0.0, 128.0]), np.array([2.0, 1.0, 0.0]), 64))
+    at_256, at_512 = frames[256][1], frames[512][1]
+    # (-384, 2): raw span 128 at 256 tokens (the window (128, 0)), 640 > 512 at 512 tokens (full)
+    np.testing.assert_allclose(at_256[at_256.rule == 0].loss.to_numpy(), at_256[at_256.rule == 2].loss.to_numpy())
+    np.testing.assert_allclose(at_512[at_512.rule == 0].loss.to_numpy(), at_512[at_512.rule == 1].loss.to_numpy())
+    assert (at_512[at_512.rule == 0].loss == 0).all() and (at_256[at_256.rule == 0].loss > 0).any()
+    np.testing.assert_allclose(at_512[at_512.rule == 0].kv_density, 1.0)
+    want = oracle_loss(frames[256][0], 256, 64, 64, 128).numpy().ravel()
+    np.testing.assert_allclose(at_256[at_256.rule == 0].loss.to_numpy(), want, rtol=1e-5)
 
 
 def test_grid_with_an_invalid_rule_names_it(tmp_path):

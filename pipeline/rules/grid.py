@@ -1,8 +1,16 @@
 """The elastic rule grid: read a grid file, generate its (alpha, beta) product, filter and validate it.
 
-A rule is valid at length ``N`` when its unclamped span ``alpha + beta * N`` lies in ``[min_raw_span, N]``, so the
-clamp to ``[min_span, N]`` in :func:`kernels.pattern.span_at` only ever raises short spans to ``min_span``.
+A rule is valid at length ``N`` when its unclamped span ``alpha + beta * N`` is at least ``min_raw_span`` and, for
+``beta <= 1``, at most ``N``: the clamp to ``[min_span, N]`` in :func:`kernels.pattern.span_at` then only raises
+short spans to ``min_span``. A *switch* rule (``beta > 1``) may exceed ``N``: it is narrow at short lengths and
+full from ``N = -alpha / (beta - 1)`` on, the shape a per-length full-or-streaming split gives a head, as one
+elastic rule. A switch rule must be narrower than full at the shortest profile length (else it is the full rule).
 Generated rules that fail at some planned length are dropped; explicitly listed rules that fail are an error.
+
+``alpha.start: null`` (the packaged grid's) starts each slope's alphas at :func:`lowest_alpha`, where the rule keeps
+only ``min_span`` tokens at the shortest profile length: a head can then cost the least there and still widen with
+``N``, which a budget near the sink plus ``min_span`` at the shortest length (25% at 512 tokens with a 64-token sink
+and span) requires of every head.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) 
             raise ValueError(f"rules.grid: {source} is for {key}={spec[key]}, but sparse.{key}={actual}")
     lengths = sorted(int(n) for n in lengths)
     floor = _number(spec.get("filter", {}).get("min_raw_span", 1), f"{source}: filter.min_raw_span")
-    generated = [r for r in _product(spec, source, lengths[-1], block_size) if _valid(r, lengths, floor)]
+    generated = [r for r in _product(spec, source, lengths, min_span, block_size) if _valid(r, lengths, floor)]
     explicit = [_explicit(item, source) for item in spec.get("rules") or []]
     for rule in explicit:
         if not _valid(rule, lengths, floor):
@@ -69,16 +77,25 @@ def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) 
     return rules
 
 
-def _product(spec: dict, source: Path, longest: int, block_size: int) -> list[Rule]:
+def lowest_alpha(beta: float, shortest: int, min_span: int, step: float) -> float:
+    """The start of slope ``beta``'s alphas: the largest multiple of ``step`` at or below ``min_span - beta *
+    shortest``, where the rule keeps ``min_span`` tokens (after the clamp) at the ``shortest`` profile length."""
+    return math.floor((min_span - beta * shortest) / step) * step
+
+
+def _product(spec: dict, source: Path, lengths: list[int], min_span: int, block_size: int) -> list[Rule]:
     alpha = spec.get("alpha") or {}
-    start = _number(alpha.get("start", 0), f"{source}: alpha.start")
-    stop = longest if alpha.get("stop") is None else _number(alpha["stop"], f"{source}: alpha.stop")
     step = _number(alpha.get("step_blocks", 1), f"{source}: alpha.step_blocks") * block_size
     if step <= 0:
         raise ValueError(f"rules.grid: {source}: alpha.step_blocks must be positive")
-    alphas = np.arange(start, stop + step / 2, step) if stop >= start else np.array([])
+    fixed = None if alpha.get("start") is None else _number(alpha["start"], f"{source}: alpha.start")
+    stop = lengths[-1] if alpha.get("stop") is None else _number(alpha["stop"], f"{source}: alpha.stop")
     betas = [_number(b, f"{source}: beta") for b in spec.get("beta") or []]
-    return [Rule(float(a), float(b)) for b in betas for a in alphas]
+    rules = []
+    for beta in betas:
+        start = lowest_alpha(beta, lengths[0], min_span, step) if fixed is None else fixed
+        rules += [Rule(float(a), beta) for a in np.arange(start, stop + step / 2, step)] if stop >= start else []
+    return rules
 
 
 def _explicit(item, source: Path) -> Rule:
@@ -92,6 +109,12 @@ def _valid(rule: Rule, lengths, floor: float) -> bool:
 
 
 def _failing(rule: Rule, lengths, floor: float) -> list[int]:
+    """The lengths where ``rule`` is invalid; a switch rule (``beta > 1``) also fails where it is already full at
+    the shortest length."""
+    if rule.beta > 1:
+        shortest = lengths[0]
+        raw = rule.alpha + rule.beta * shortest
+        return [shortest] if not floor <= raw < shortest else []
     return [n for n in lengths if not floor <= rule.alpha + rule.beta * n <= n]
 
 
