@@ -109,31 +109,35 @@ def test_default_grid_is_tens_of_valid_rules():
         assert all(1 <= r.alpha + r.beta * n <= (n if r.beta <= 1 else math.inf) for n in lengths)
 
 
-@pytest.mark.parametrize("lengths", [[512, 1024, 2048], [256, 512], [640, 1280]])
-def test_default_grid_is_every_valid_block_multiple_from_each_slopes_lowest_alpha(lengths):
+@pytest.mark.parametrize(("lengths", "block"), [([512, 1024, 2048], 64), ([256, 512], 64), ([640, 1280], 64),
+                                               ([32], 16), ([48, 96], 16)])
+def test_default_grid_is_every_valid_block_multiple_from_each_slopes_lowest_alpha(lengths, block):
     """Oracle: brute force over every block multiple of alpha from -3 N_max to N_max and the file's slopes, with the
     spans evaluated through :func:`kernels.pattern.span_at`. The grid keeps exactly the rules whose raw span is at
     least 1 everywhere, that are not full at the shortest length unless ``beta <= 1`` (then never above ``N``), and
     whose alpha is at least the largest block multiple where the slope keeps ``min_span`` at the shortest length."""
-    min_span, block = 64, 64
+    min_span = 64
     betas = yaml.safe_load(open(GRID))["beta"]
     shortest = lengths[0]
+    least = min(min_span, shortest)  # the clamp's floor there: a length below min_span keeps everything
 
     def valid(a, b):
         raws = [a + b * n for n in lengths]
         if min(raws) < 1:
             return False
-        return raws[0] < shortest if b > 1 else all(r <= n for r, n in zip(raws, lengths, strict=True))
+        if b > 1:  # a switch rule: narrower than full at the shortest length, after the clamp
+            return max(raws[0], least) < shortest
+        return all(r <= n for r, n in zip(raws, lengths, strict=True))
 
     expected = {(float(a), float(b)) for a in range(-3 * lengths[-1], lengths[-1] + 1, block) for b in betas
-                if a >= (min_span - b * shortest) // block * block and valid(a, b)}
+                if a >= (least - b * shortest) // block * block and valid(a, b)}
     rules = load_grid(GRID, lengths, sink=64, min_span=min_span, block_size=block)
     assert {(r.alpha, r.beta) for r in rules} == expected
-    for beta in betas:  # each slope's narrowest rule keeps min_span at the shortest length
+    for beta in {r.beta for r in rules}:  # each slope's narrowest rule keeps the least it can at the shortest length
         narrowest = min(r.alpha for r in rules if r.beta == beta)
-        assert span_at(narrowest, beta, shortest, min_span) == min_span
+        assert span_at(narrowest, beta, shortest, min_span) == least
     switch = [r for r in rules if r.beta > 1]
-    assert switch, "the default grid has rules that turn full as N grows"
+    assert bool(switch) == (shortest > min_span), "switch rules exist where a head can be narrower than full"
     for r in switch:  # narrower than full at the shortest length, full from -alpha / (beta - 1) on
         assert span_at(r.alpha, r.beta, shortest, min_span) < shortest
         full_from = math.ceil(-r.alpha / (r.beta - 1))

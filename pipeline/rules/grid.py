@@ -63,13 +63,14 @@ def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) 
             raise ValueError(f"rules.grid: {source} is for {key}={spec[key]}, but sparse.{key}={actual}")
     lengths = sorted(int(n) for n in lengths)
     floor = _number(spec.get("filter", {}).get("min_raw_span", 1), f"{source}: filter.min_raw_span")
-    generated = [r for r in _product(spec, source, lengths, min_span, block_size) if _valid(r, lengths, floor)]
+    generated = [r for r in _product(spec, source, lengths, min_span, block_size)
+                 if _valid(r, lengths, floor, min_span)]
     explicit = [_explicit(item, source) for item in spec.get("rules") or []]
     for rule in explicit:
-        if not _valid(rule, lengths, floor):
+        if not _valid(rule, lengths, floor, min_span):
             raise ValueError(
                 f"rules.grid: rule (alpha={rule.alpha}, beta={rule.beta}) in {source} is invalid: its span "
-                f"alpha + beta*N leaves [{floor:g}, N] at profile length(s) {_failing(rule, lengths, floor)}"
+                f"alpha + beta*N leaves [{floor:g}, N] at profile length(s) {_failing(rule, lengths, floor, min_span)}"
             )
     rules = list(dict.fromkeys(generated + explicit))
     if not rules:
@@ -78,9 +79,11 @@ def load_grid(path: str, lengths, *, sink: int, min_span: int, block_size: int) 
 
 
 def lowest_alpha(beta: float, shortest: int, min_span: int, step: float) -> float:
-    """The start of slope ``beta``'s alphas: the largest multiple of ``step`` at or below ``min_span - beta *
-    shortest``, where the rule keeps ``min_span`` tokens (after the clamp) at the ``shortest`` profile length."""
-    return math.floor((min_span - beta * shortest) / step) * step
+    """The start of slope ``beta``'s alphas: the largest multiple of ``step`` at or below ``least - beta *
+    shortest``, where the rule keeps ``least = min(min_span, shortest)`` tokens (the clamp's floor) at the
+    ``shortest`` profile length."""
+    least = min(min_span, shortest)
+    return math.floor((least - beta * shortest) / step) * step
 
 
 def _product(spec: dict, source: Path, lengths: list[int], min_span: int, block_size: int) -> list[Rule]:
@@ -104,17 +107,17 @@ def _explicit(item, source: Path) -> Rule:
     return Rule(_number(item[0], f"{source}: rule alpha"), _number(item[1], f"{source}: rule beta"))
 
 
-def _valid(rule: Rule, lengths, floor: float) -> bool:
-    return not _failing(rule, lengths, floor)
+def _valid(rule: Rule, lengths, floor: float, min_span: int) -> bool:
+    return not _failing(rule, lengths, floor, min_span)
 
 
-def _failing(rule: Rule, lengths, floor: float) -> list[int]:
-    """The lengths where ``rule`` is invalid; a switch rule (``beta > 1``) also fails where it is already full at
-    the shortest length."""
+def _failing(rule: Rule, lengths, floor: float, min_span: int) -> list[int]:
+    """The lengths where ``rule`` is invalid; a switch rule (``beta > 1``) fails where it is already full at the
+    shortest length, after the clamp (so at no length when that is at most ``min_span``)."""
     if rule.beta > 1:
         shortest = lengths[0]
         raw = rule.alpha + rule.beta * shortest
-        return [shortest] if not floor <= raw < shortest else []
+        return [shortest] if not (raw >= floor and max(raw, min(min_span, shortest)) < shortest) else []
     return [n for n in lengths if not floor <= rule.alpha + rule.beta * n <= n]
 
 
