@@ -8,9 +8,9 @@ elastic rule. A switch rule must be narrower than full at the shortest profile l
 Generated rules that fail at some planned length are dropped; explicitly listed rules that fail are an error.
 
 ``alpha.start: null`` (the packaged grid's) starts each slope's alphas at :func:`lowest_alpha`, where the rule keeps
-only ``min_span`` tokens at the shortest profile length: a head can then cost the least there and still widen with
-``N``, which a budget near the sink plus ``min_span`` at the shortest length (25% at 512 tokens with a 64-token sink
-and span) requires of every head.
+only the clamp's floor ``min(min_span, N)`` at the shortest profile length ``N``: a head can then cost the least
+there and still widen with ``N``, which a budget near the sink plus ``min_span`` at the shortest length (25% at 512
+tokens with a 64-token sink and span) requires of every head.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from kernels.pattern import span_at
 
 PACKAGED_PREFIX = "search_spaces/"
 GRID_KEYS = {"sink", "min_span", "alpha", "beta", "rules", "filter"}
@@ -116,8 +118,8 @@ def _failing(rule: Rule, lengths, floor: float, min_span: int) -> list[int]:
     shortest length, after the clamp (so at no length when that is at most ``min_span``)."""
     if rule.beta > 1:
         shortest = lengths[0]
-        raw = rule.alpha + rule.beta * shortest
-        return [shortest] if not (raw >= floor and max(raw, min(min_span, shortest)) < shortest) else []
+        narrow = span_at(rule.alpha, rule.beta, shortest, min_span) < shortest
+        return [] if rule.alpha + rule.beta * shortest >= floor and narrow else [shortest]
     return [n for n in lengths if not floor <= rule.alpha + rule.beta * n <= n]
 
 
