@@ -221,9 +221,10 @@ def test_killed_mid_trial_the_study_resumes_without_redoing_a_finished_trial(tmp
         except (AssertionError, KeyError, Exception):  # the database may not exist yet
             continue
         states = [t.state for t in study.trials]
-        # Mid-trial: the running trial has its composition (a trial killed before its first suggestion has none).
+        # Mid-trial: the running trial has its composition and its MLflow run (a trial killed before its first
+        # suggestion has no composition; one killed before its run started has no run to end KILLED).
         if (optuna.trial.TrialState.COMPLETE in states and states[-1] == optuna.trial.TrialState.RUNNING
-                and study.trials[-1].params):
+                and study.trials[-1].params and "mlflow_run_id" in study.trials[-1].user_attrs):
             before = {t.number: t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
             process.send_signal(signal.SIGKILL)  # a worker dying mid-trial: no clean-up of any kind
             break
