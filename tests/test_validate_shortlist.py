@@ -4,10 +4,15 @@ choice among it (the first in compromise order within a perplexity tolerance of 
 from __future__ import annotations
 
 import random
+from pathlib import Path
+
+import yaml
 
 from pipeline.stages.validate import select, shortlist
 
 LENGTHS = [512, 1024, 2048]
+DEFAULT_TOLERANCE = yaml.safe_load((Path(__file__).parents[1] / "pipeline/conf/validate/default.yaml").read_text())[
+    "tie_tolerance"]
 
 
 def _entry(name: str, *losses: float) -> dict:
@@ -69,8 +74,15 @@ def test_the_choice_is_the_first_tied_plan_and_never_worse_than_the_tolerance():
             assert chosen["val_ppl"] == least
 
 
-def test_perplexity_noise_below_the_tolerance_does_not_change_the_choice():
-    # The same shortlist scored on two CPUs: the order of the two best swaps by 0.15%, the choice does not.
+def test_perplexity_noise_below_the_default_tolerance_does_not_change_the_choice():
+    # The same shortlist scored on two CPUs (measured, README): the two best swap by 0.13%, the choice does not.
     one_cpu, other_cpu = _scored(1.0014, 1.0043, 1.0067), _scored(1.0039, 1.0026, 1.0051)
-    assert select(one_cpu, 0.005)["plan"] == select(other_cpu, 0.005)["plan"] == "p0"
+    assert select(one_cpu, DEFAULT_TOLERANCE)["plan"] == select(other_cpu, DEFAULT_TOLERANCE)["plan"] == "p0"
     assert select(one_cpu, 0.0)["plan"] != select(other_cpu, 0.0)["plan"]
+
+
+def test_a_lead_above_the_measured_noise_is_not_overridden_by_the_default_tolerance():
+    # A shortlist in compromise order as measured (README, Validation): the second plan's held-out perplexity is
+    # 0.42% below the first's, three times the largest swap seen between CPUs; the measured perplexity decides.
+    rows = _scored(0.9931, 0.9889, 0.9941)
+    assert select(rows, DEFAULT_TOLERANCE)["plan"] == "p1"
