@@ -4,15 +4,12 @@ choice among it (the first in compromise order within a perplexity tolerance of 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-import yaml
-
+from pipeline.run import compose
 from pipeline.stages.validate import select, shortlist
 
 LENGTHS = [512, 1024, 2048]
-DEFAULT_TOLERANCE = yaml.safe_load((Path(__file__).parents[1] / "pipeline/conf/validate/default.yaml").read_text())[
-    "tie_tolerance"]
+DEFAULT_TOLERANCE = float(compose([]).validate.tie_tolerance)
 
 
 def _entry(name: str, *losses: float) -> dict:
