@@ -706,6 +706,10 @@ class AdaptersSettings:
     val_examples: int
     test_examples: int
     steps: int
+    """Optimiser steps of each search trial."""
+    final_steps: int
+    """Optimiser steps of the final comparison: the most accurate Pareto composition retrained (``final``) and the
+    lora and moe_lora baselines; ``adapters.final_steps=null`` means ``steps`` (no retraining: the trial itself)."""
     batch_size: int
     max_new_tokens: int
     latency_prompts: int
@@ -761,12 +765,15 @@ class AdaptersSettings:
         top_k = _int("adapters.baselines.moe_lora_top_k", baselines.get("moe_lora_top_k"), 1)
         if top_k > experts:
             raise _bad("adapters.baselines.moe_lora_top_k", top_k, f"at most moe_lora_experts={experts}")
+        steps = _int("adapters.steps", read("steps"), 2)
+        final_steps = _optional(_int, "adapters.final_steps", read("final_steps"), 2)
         return cls(
             tasks=_choice_list("adapters.tasks", read("tasks"), tuple(TASKS)),
             train_examples=_int("adapters.train_examples", read("train_examples"), 1),
             val_examples=_int("adapters.val_examples", read("val_examples"), 1),
             test_examples=_int("adapters.test_examples", read("test_examples"), 1),
-            steps=_int("adapters.steps", read("steps"), 2),
+            steps=steps,
+            final_steps=steps if final_steps is None else final_steps,
             batch_size=_int("adapters.batch_size", read("batch_size"), 1),
             max_new_tokens=_int("adapters.max_new_tokens", read("max_new_tokens"), 1),
             latency_prompts=_int("adapters.latency_prompts", read("latency_prompts"), 1),

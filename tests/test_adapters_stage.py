@@ -74,6 +74,7 @@ def test_results_have_every_trial_and_baseline(adapters_run):
     searched = frame[frame["kind"].isin(["trial", "pareto"])]
     assert sorted(searched["name"]) == sorted(f"trial_{t.number}" for t in complete)
     assert set(frame.loc[frame["kind"] == "baseline", "name"]) == {"base", "lora", "moe_lora"}
+    assert list(frame.loc[frame["kind"] == "final", "name"]) == ["final"]
     # The Pareto rows are the non-dominated completed trials by (validation accuracy up, parameters down).
     points = {f"trial_{t.number}": (t.values[0], t.values[1]) for t in complete}
     brute = {name for name, (a, p) in points.items()
@@ -151,7 +152,7 @@ def test_every_method_is_one_mlflow_run_with_its_metrics(adapters_run):
         assert run.data.metrics["accuracy"] == pytest.approx(row.accuracy)
         assert run.data.metrics["trainable_params"] == row.trainable_params
         assert run.data.tags["run_dir"] == str(run_dir.resolve())
-        if row.kind != "baseline":
+        if row.kind in ("trial", "pareto"):
             assert run.data.tags["pareto"] == str(row.kind == "pareto").lower()
     trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
     assert len(trial_runs) == len(_study(run_dir).trials)  # pruned trials too, none twice
@@ -162,6 +163,34 @@ def test_every_method_is_one_mlflow_run_with_its_metrics(adapters_run):
     assert stage_run.data.params["base_dtype"] == expected
     saved = sorted((run_dir / "adapters").glob("*/adapters.safetensors"))
     assert saved and {t.dtype for path in saved for t in load_file(path).values()} == {torch.float32}  # adapters
+
+
+def test_the_final_comparison_retrains_the_most_accurate_pareto_composition_for_final_steps(adapters_run):
+    """``final`` is the most accurate Pareto trial's composition (by validation accuracy, then fewer parameters,
+    found here from the study) retrained at its learning rate; it and the lora and moe_lora baselines train for
+    adapters.final_steps, the trials for adapters.steps. The oracle for the steps is each run's logged loss curve
+    (one point per optimiser step), not the results' own column alone."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.run import compose
+
+    run_dir, _ = adapters_run
+    cfg = compose(["model=tiny"]).adapters
+    assert cfg.final_steps != cfg.steps  # model=tiny retrains, so the final row exists
+    frame = pd.read_csv(run_dir / "adapters" / "results.csv").set_index("name")
+    best = max(_study(run_dir).best_trials, key=lambda t: (t.values[0], -t.values[1]))
+    assert frame.loc["final", "composition"] == frame.loc[f"trial_{best.number}", "composition"]
+    assert frame.loc["final", "trainable_params"] == best.values[1]
+    client = MlflowClient(f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("moa-autotune-adapters")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert float(runs["final"].data.params["lr"]) == pytest.approx(best.params["lr"])
+    expected = {"final": cfg.final_steps, "lora": cfg.final_steps, "moe_lora": cfg.final_steps, "base": 0,
+                **{name: cfg.steps for name in frame.index if name.startswith("trial_")}}
+    for name, steps in expected.items():
+        assert frame.loc[name, "steps"] == steps, name
+        logged = client.get_metric_history(runs[name].info.run_id, "train_loss")
+        assert len(logged) == steps, name
 
 
 def test_saved_adapters_load_onto_the_base_model_only(adapters_run):

@@ -45,8 +45,9 @@ def test_stage_all_runs_every_implemented_stage_then_skips(full_run):
 
 
 def test_adapters_run_with_the_selected_plan_beside_dense(full_run):
-    """adapters.plan=selected (the default): the base model and the most accurate Pareto composition are also
-    trained and scored with validate's plan of the first budget applied."""
+    """adapters.plan=selected (the default): the base model and the final model (the most accurate Pareto
+    composition, retrained for adapters.final_steps) are also scored with validate's plan of the first budget
+    applied; model=tiny also retrains that composition with the plan."""
     import json
 
     import optuna
@@ -55,23 +56,22 @@ def test_adapters_run_with_the_selected_plan_beside_dense(full_run):
     run_dir, _ = full_run
     frame = pd.read_csv(run_dir / "adapters" / "results.csv").set_index("name")
     assert "base+plan" in frame.index and frame.loc["base+plan", "kind"] == "baseline"
-    with_plan = [name for name in frame.index if name.startswith("trial_") and name.endswith("+plan")]
-    assert len(with_plan) == 1
-    dense_name = with_plan[0].removesuffix("+plan")
-    assert frame.loc[dense_name, "kind"] == "pareto"
-    assert frame.loc[with_plan[0], "composition"] == frame.loc[dense_name, "composition"]
-    assert frame.loc[with_plan[0], "trainable_params"] == frame.loc[dense_name, "trainable_params"]
+    assert frame.loc["final", "kind"] == "final"
+    for name in ("final+plan", "final@plan"):
+        assert frame.loc[name, "composition"] == frame.loc["final", "composition"]
+        assert frame.loc[name, "trainable_params"] == frame.loc["final", "trainable_params"]
+        assert frame.loc[name, "steps"] == frame.loc["final", "steps"]
     storage = f"sqlite:///{run_dir}/optuna.db"
     name = next(s.study_name for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(":pruning"))
     pareto = optuna.load_study(study_name=name, storage=storage).best_trials
     best = max(pareto, key=lambda t: (t.values[0], -t.values[1]))
-    assert dense_name == f"trial_{best.number}"
-    config = json.loads((run_dir / "adapters" / with_plan[0] / "adapter_config.json").read_text())
-    assert config["composition"] == best.user_attrs["composition"]
-    scored = f"{dense_name}@plan"  # the dense-trained adapters themselves, scored under the plan: not retrained
-    assert frame.loc[scored, "trainable_params"] == frame.loc[dense_name, "trainable_params"]
-    assert frame.loc[scored, "train_s"] == 0.0 and frame.loc[scored, "composition"] == frame.loc[dense_name, "composition"]
-    assert not (run_dir / "adapters" / scored).exists()  # nothing saved: the weights are the dense trial's
+    assert frame.loc["final", "composition"] == frame.loc[f"trial_{best.number}", "composition"]
+    for name in ("final", "final+plan"):
+        config = json.loads((run_dir / "adapters" / name / "adapter_config.json").read_text())
+        assert config["composition"] == best.user_attrs["composition"]
+    scored = "final@plan"  # the dense-trained adapters themselves, scored under the plan: not retrained
+    assert frame.loc[scored, "train_s"] == 0.0
+    assert not (run_dir / "adapters" / scored).exists()  # nothing saved: the weights are the final model's
 
 
 def test_evaluation_covers_every_method_budget_task_and_length(full_run):

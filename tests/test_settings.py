@@ -98,6 +98,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "adapters.val_examples": ("0",),
     "adapters.test_examples": ("-2",),
     "adapters.steps": ("1", "true"),
+    "adapters.final_steps": ("1", "abc"),
     "adapters.batch_size": ("0",),
     "adapters.max_new_tokens": ("0",),
     "adapters.latency_prompts": ("0",),

@@ -6,16 +6,19 @@
    validation accuracy halfway, and is then scored on the test split. Its adapters are saved under
    ``adapters/trial_<n>/``; it is one MLflow run in ``<experiment>-adapters``. A loss that turns NaN prunes the
    trial. A rerun resumes the study from its RDB storage without redoing a finished trial.
-3. **Baselines**, through the same harness: ``lora`` (one LoRA, at least as many parameters as the most accurate
-   Pareto composition) and ``moe_lora`` (homogeneous LoRA experts under a top-k router).
-4. **With the sparse plan** (``adapters.plan``): the base model and the most accurate Pareto composition trained
-   and scored with the plan applied (``trial_<n>+plan``), and that trial's own adapters, trained on dense
-   attention, scored with the plan (``trial_<n>@plan``).
+3. **Final comparison**, through the same harness and for ``adapters.final_steps`` optimiser steps each (a
+   trial's ``adapters.steps`` is a short proxy): ``final`` (the most accurate Pareto composition, retrained at its
+   trial's learning rate), ``lora`` (one LoRA, at least as many parameters as that composition) and ``moe_lora``
+   (homogeneous LoRA experts under a top-k router). With ``final_steps`` equal to ``steps`` there is no ``final``
+   row: the trial itself is the final model.
+4. **With the sparse plan** (``adapters.plan``): the base model and the final model's own adapters, trained on
+   dense attention, scored with the plan applied (``final@plan``, or ``trial_<n>@plan``), and with
+   ``adapters.plan_training`` that composition retrained with the plan (``final+plan``).
 
 Writes ``adapters/results.csv`` (``name, kind, composition, trainable_params, accuracy, acc_lo, acc_hi,
-val_accuracy, train_s, latency_overhead``; ``kind`` is ``trial``, ``pareto`` or ``baseline``; ``train_s`` is the
-median seconds per optimiser step; ``latency_overhead`` is greedy generation time over the base model's on dense
-attention, minus one).
+val_accuracy, train_s, latency_overhead, steps``; ``kind`` is ``trial``, ``pareto``, ``final`` or ``baseline``;
+``train_s`` is the median seconds per optimiser step; ``latency_overhead`` is greedy generation time over the base
+model's on dense attention, minus one; ``steps`` the optimiser steps the adapters trained for).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from pipeline.stages.registry import stage
 from pipeline.tracking import Tracker
 
 COLUMNS = ("name", "kind", "composition", "trainable_params", "accuracy", "acc_lo", "acc_hi", "val_accuracy",
-           "train_s", "latency_overhead")
+           "train_s", "latency_overhead", "steps")
 RESULT = "result"  # the trial's user attribute holding its results.csv row
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -106,9 +109,10 @@ def run_adapters(ctx):
     rows = [{**t.user_attrs[RESULT], "kind": "pareto" if t.number in pareto else "trial"}
             for t in trials if RESULT in t.user_attrs]
     best = _most_accurate([t for t in trials if t.number in pareto])
-    rows += [base, *_baselines(harness, settings, best, info)]
+    final = _final(harness, settings, best)
+    rows += [base, *([final] if final else []), *_baselines(harness, settings, best, info)]
     if plan is not None:
-        rows += _with_plan(harness, plan, best)
+        rows += _with_plan(harness, plan, best, final)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     io.write_csv(ctx.artifacts.adapter_results, frame)
     ctx.log_artifact(ctx.artifacts.adapter_results)
@@ -135,12 +139,13 @@ class _Harness:
         return row
 
     def measure(self, name: str, kind: str, composition: Composition | None, *, lr: float = 0.0, plan=None,
-                trial: optuna.Trial | None = None, pruning: MedianPruning | None = None,
+                steps: int | None = None, trial: optuna.Trial | None = None, pruning: MedianPruning | None = None,
                 trained: str | None = None) -> dict:
-        """Train ``composition`` (``None``: the frozen base) with ``plan`` applied, score it, save it, log it.
-        With ``trained`` (an earlier method's name), its saved adapters are loaded and scored instead: no
-        training, nothing saved."""
+        """Train ``composition`` (``None``: the frozen base) for ``steps`` (default: a trial's ``adapters.steps``)
+        with ``plan`` applied, score it, save it, log it. With ``trained`` (an earlier method's name, trained for
+        ``steps``), its saved adapters are loaded and scored instead: no training, nothing saved."""
         s, model = self.settings, self.model
+        steps = 0 if composition is None else steps or s.steps
         tags = {"kind": kind, "run_dir": str(self.ctx.run_dir.resolve()), "plan": "none" if plan is None else "selected",
                 "composition": composition.label() if composition else "base"}
         if trial is not None:
@@ -148,7 +153,7 @@ class _Harness:
         with self.runs.run(name, tags=tags) as run:
             if trial is not None:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
-            run.log_params({"lr": lr, "plan": tags["plan"],
+            run.log_params({"lr": lr, "plan": tags["plan"], "steps": steps,
                             **({"composition": json.dumps(composition.to_dict())} if composition else {})})
             params, train_s, stats = 0, 0.0, {}
             try:
@@ -160,7 +165,7 @@ class _Harness:
                         run.set_tags({"scored_from": trained})
                     elif composition is not None:
                         adapter_set, result = fitting.fit(model, composition, self.data, s, lr=lr, seed=s.seed,
-                                                          on_step=self._on_step(run, trial, pruning))
+                                                          steps=steps, on_step=self._on_step(run, trial, pruning))
                         params, train_s = adapter_set.num_trainable(), result.seconds_per_step
                         stats = adapter_set.router_stats()
                     val = fitting.score(model, self.tokenizer, self.data.val, s)
@@ -177,7 +182,7 @@ class _Harness:
             lo, hi = test.interval
             row = {"name": name, "kind": kind, "composition": composition.label() if composition else "frozen base",
                    "trainable_params": params, "accuracy": test.accuracy, "acc_lo": lo, "acc_hi": hi,
-                   "val_accuracy": val.accuracy, "train_s": train_s, "latency_overhead": overhead}
+                   "val_accuracy": val.accuracy, "train_s": train_s, "latency_overhead": overhead, "steps": steps}
             run.log_metrics({**{k: v for k, v in row.items() if isinstance(v, int | float)},
                              **{f"accuracy:{t}": a for t, a in test.per_task.items()},
                              **{f"router_{k}": v for k, v in stats.items()}})
@@ -317,13 +322,27 @@ def _moe_lora(settings) -> Composition:
     return Composition(experts=(expert,), router=RouterSpec(kind="topk", top_k=settings.moe_lora_top_k))
 
 
+def _final(harness: _Harness, settings, best) -> dict | None:
+    """The most accurate Pareto composition retrained for ``adapters.final_steps`` at its trial's learning rate, as
+    ``final``; None without a Pareto trial, or when ``final_steps`` equals a trial's steps (the trial is final)."""
+    if best is None or settings.final_steps == settings.steps:
+        return None
+    composition = composition_from_dict(best.user_attrs["composition"])
+    return harness.cached("final", lambda: harness.measure("final", "final", composition, lr=best.params["lr"],
+                                                           steps=settings.final_steps))
+
+
 def _baselines(harness: _Harness, settings, best, info) -> list[dict]:
-    """Single LoRA with at least the best Pareto trial's parameters, and homogeneous MoE-LoRA."""
+    """Single LoRA with at least the best Pareto trial's parameters, and homogeneous MoE-LoRA, each trained for
+    ``adapters.final_steps`` like the final composition."""
     target = best.values[1] if best is not None else 0
     rank = _matched_rank(settings, harness.model, target)
     lr = best.params.get("lr", settings.search_space.lr.low) if best is not None else settings.search_space.lr.low
-    lora = harness.cached(f"lora_r{rank}", lambda: harness.measure("lora", "baseline", _lora(settings, rank), lr=lr))
-    moe = harness.cached("moe_lora", lambda: harness.measure("moe_lora", "baseline", _moe_lora(settings), lr=lr))
+    steps = settings.final_steps
+    lora = harness.cached(f"lora_r{rank}", lambda: harness.measure("lora", "baseline", _lora(settings, rank), lr=lr,
+                                                                   steps=steps))
+    moe = harness.cached("moe_lora", lambda: harness.measure("moe_lora", "baseline", _moe_lora(settings), lr=lr,
+                                                             steps=steps))
     return [lora, moe]
 
 
@@ -339,20 +358,23 @@ def _lora_params_per_rank(settings, model) -> int:
                for layer in decoder_layers(model) for t in settings.lora_targets)
 
 
-def _with_plan(harness: _Harness, plan, best) -> list[dict]:
-    """The base model and the most accurate Pareto composition scored with the plan applied: its dense-trained
-    adapters, and with ``adapters.plan_training`` the composition retrained under the plan."""
+def _with_plan(harness: _Harness, plan, best, final: dict | None) -> list[dict]:
+    """The base model and the final model (``final``, else the most accurate Pareto trial) scored with the plan
+    applied: its dense-trained adapters, and with ``adapters.plan_training`` the composition retrained under the
+    plan for as many steps."""
     rows = [harness.cached("base+plan", lambda: harness.measure("base+plan", "baseline", None, plan=plan))]
     if best is not None:
         composition = composition_from_dict(best.user_attrs["composition"])
-        dense, name = f"trial_{best.number}", f"trial_{best.number}+plan"
+        dense = "final" if final is not None else f"trial_{best.number}"
+        kind, steps = ("final", final["steps"]) if final is not None else ("pareto", harness.settings.steps)
         if harness.settings.plan_training:
-            rows.append(harness.cached(name, lambda: harness.measure(name, "pareto", composition,
-                                                                    lr=best.params["lr"], plan=plan)))
+            name = f"{dense}+plan"
+            rows.append(harness.cached(name, lambda: harness.measure(name, kind, composition, lr=best.params["lr"],
+                                                                    plan=plan, steps=steps)))
         if harness.ctx.artifacts.adapter_weights(dense).is_dir():  # a trial run by another machine's worker: not here
             scored = f"{dense}@plan"  # the adapters trained on dense attention, scored under the plan
-            rows.append(harness.cached(scored, lambda: harness.measure(scored, "pareto", composition, plan=plan,
-                                                                      trained=dense)))
+            rows.append(harness.cached(scored, lambda: harness.measure(scored, kind, composition, plan=plan,
+                                                                      steps=steps, trained=dense)))
     return rows
 
 
@@ -373,7 +395,7 @@ def _mark_pareto(runs: Tracker, study, pareto: set[int]) -> None:
 
 
 def _summary(frame: pd.DataFrame) -> dict[str, float]:
-    metrics = {"trials": float((frame["kind"] != "baseline").sum())}
+    metrics = {"trials": float(frame["name"].str.fullmatch(r"trial_\d+").sum())}
     for row in frame.itertuples():
         metrics[f"accuracy:{row.name}"] = row.accuracy
         metrics[f"trainable_params:{row.name}"] = row.trainable_params
@@ -381,6 +403,6 @@ def _summary(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    shown = frame[["name", "kind", "trainable_params", "accuracy", "acc_lo", "acc_hi", "val_accuracy", "train_s",
-                   "latency_overhead", "composition"]].copy()
+    shown = frame[["name", "kind", "steps", "trainable_params", "accuracy", "acc_lo", "acc_hi", "val_accuracy",
+                   "train_s", "latency_overhead", "composition"]].copy()
     return "Adapters (test accuracy with 95% interval):\n" + shown.round(3).to_string(index=False)
