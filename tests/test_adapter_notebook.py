@@ -2,8 +2,8 @@
 
 The run directory holds a real MLflow SQLite store written through ``pipeline.tracking.Tracker`` with the adapters
 experiment (``moa-autotune-adapters``) as ``stage=adapters`` logs it: search trials ``trial_<n>`` (one pruned, with
-only its loss curve), the baselines ``base``, ``lora`` and ``moe_lora``, and the sparse-plan runs ``base+plan`` and
-``trial_<n>+plan``, tagged ``kind``, ``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and
+only its loss curve), the ``final`` model (the best Pareto composition retrained), the baselines ``base``, ``lora``
+and ``moe_lora``, and the sparse-plan runs ``base+plan``, ``trial_<n>+plan`` and ``final@plan``, tagged ``kind``, ``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and
 ``study``, with random but known metrics. Beside them sit runs the notebook must leave out: a run of another run
 directory (the newest ``trial_1``), a trial of an older study and an older ``lora`` run. The notebook runs headless
 through papermill (as ``make notebooks`` runs it) with ``tests.test_eval_notebooks``' recorder cell first; the tests
@@ -120,6 +120,12 @@ def write_run_dir(run_dir: Path) -> SimpleNamespace:
     log("base+plan", {"kind": "baseline", "composition": "base", "plan": "selected"}, runs["base+plan"])
     log(f"{best}+plan", {"kind": "pareto", "composition": TRIALS[int(best.split("_")[1])][0], "plan": "selected"},
         runs[f"{best}+plan"])
+    # the best composition retrained for adapters.final_steps, and its adapters scored under the plan
+    runs["final"] = scores(rng, 0.95, runs[best]["trainable_params"])
+    runs["final@plan"] = scores(rng, 0.7, runs[best]["trainable_params"])
+    log("final", {"kind": "final", "composition": TRIALS[int(best.split("_")[1])][0]}, runs["final"])
+    log("final@plan", {"kind": "final", "composition": TRIALS[int(best.split("_")[1])][0], "plan": "selected"},
+        runs["final@plan"])
     log("trial_1", {"kind": "trial", "composition": "lora4[q,v]|soft", "trial": "1", "study": STUDY,
                     "state": "complete", "pareto": "true"}, scores(rng, 0.97, 100), losses(rng, 0.9, STEPS),
         where=str(run_dir.parent / "another-run"))  # the newest trial_1, of the same study, in another run dir
@@ -169,9 +175,9 @@ def test_accuracy_plot_places_every_measured_run_once_with_its_interval(syntheti
     assert "parameters" in ax["xlabel"] and "accuracy" in ax["ylabel"]
     runs = synthetic.runs
     expected = {STYLE["trial"]: dense_trials(synthetic), STYLE["lora"]: ["lora"], STYLE["moe_lora"]: ["moe_lora"],
-                STYLE["plan"]: [f"{synthetic.best}+plan"]}
+                "final": ["final"], STYLE["plan"]: [f"{synthetic.best}+plan", "final@plan"]}
     plotted = {b["label"]: b for b in ax["errorbars"]}
-    assert set(plotted) == set(expected), "trials, the two baselines and the plan run; nothing else"
+    assert set(plotted) == set(expected), "trials, the final model, the two baselines and the plan runs; nothing else"
     every_point = []
     for label, names in expected.items():
         bars = plotted[label]
@@ -180,9 +186,10 @@ def test_accuracy_plot_places_every_measured_run_once_with_its_interval(syntheti
         assert close([v for p in shown for v in p], [v for p in wanted for v in p]), label
         for name in names:
             x, y = point(runs[name])
-            [segment] = [s for s in bars["segments"] if math.isclose(s[0][0], x)]
-            (x0, lo), (x1, hi) = sorted(segment, key=lambda p: p[1])
-            assert close((x0, x1, lo, hi), (x, x, runs[name]["acc_lo"], runs[name]["acc_hi"])), name
+            bounds = (x, x, runs[name]["acc_lo"], runs[name]["acc_hi"])
+            ends = [sorted(s, key=lambda p: p[1]) for s in bars["segments"] if math.isclose(s[0][0], x)]
+            matching = [e for e in ends if close((e[0][0], e[1][0], e[0][1], e[1][1]), bounds)]
+            assert len(matching) == 1, name  # one bar at its x spans its interval (runs may share an x)
         every_point += [tuple(p) for p in bars["xy"]]
     measured = [point(m) for n, m in runs.items() if m["trainable_params"] > 0]
     assert sorted(every_point) == sorted(measured), "every plotted point is exactly one run's metrics"
@@ -200,7 +207,8 @@ def test_accuracy_plot_places_every_measured_run_once_with_its_interval(syntheti
 
 def test_per_task_bars_are_the_runs_task_accuracies(synthetic, executed):
     ax = panel(executed, "Per-task test accuracy")
-    shown = {"base", "lora", "moe_lora", "base+plan", f"{synthetic.best}+plan", *synthetic.pareto}
+    shown = {"base", "lora", "moe_lora", "base+plan", f"{synthetic.best}+plan", "final", "final@plan",
+             *synthetic.pareto}
     bars = {b["label"]: b["bars"] for b in ax["bars"]}
     assert set(bars) == shown
     for name, rectangles in bars.items():
@@ -226,10 +234,12 @@ def test_loss_curves_are_every_trials_history_with_pruned_ones_marked(synthetic,
 # the printed table and targets
 # ---------------------------------------------------------------------------------------------------------------
 def expected_target(synthetic, baseline: str, share: float):
-    """(verdict, Pareto trial, accuracy gain, intervals apart) from the synthetic runs."""
+    """(verdict, Pareto composition, accuracy gain, intervals apart) from the synthetic runs: the candidates are the
+    Pareto trials and the final model (the best of them retrained longer)."""
     runs = synthetic.runs
     rival = runs[baseline]
-    within = [n for n in synthetic.pareto if runs[n]["trainable_params"] <= share * rival["trainable_params"]]
+    within = [n for n in (*synthetic.pareto, "final")
+              if runs[n]["trainable_params"] <= share * rival["trainable_params"]]
     if not within:
         return "NO", None, None, None
     best = max(within, key=lambda n: (runs[n]["accuracy"], -runs[n]["trainable_params"]))
@@ -249,8 +259,9 @@ def test_targets_are_computed_from_the_runs(synthetic, executed):
             assert f"{verdict}: {best} (" in line and f": {gain:+.3f} " in line, line
             assert ("intervals apart" if apart else "intervals overlap") in line, line
         else:
-            assert "no Pareto trial has at most" in line, line
+            assert "no Pareto composition has at most" in line, line
     assert sorted(verdicts) == ["NO", "YES"], "the synthetic data should answer one target yes and one no"
+    assert expected_target(synthetic, "lora", 1.0)[1] == "final", "the final model must count as a candidate"
     runs = synthetic.runs
     assert runs["lora"]["trainable_params"] == runs[synthetic.best]["trainable_params"], "'no more' includes equal"
     assert expected_target(synthetic, "moe_lora", 1.0)[1] != expected_target(synthetic, "moe_lora", 0.5)[1], \
@@ -259,7 +270,7 @@ def test_targets_are_computed_from_the_runs(synthetic, executed):
     plan_lines = [line for line in executed.text.splitlines() if line.startswith("target 3 ")]
     found = {m[1]: (m[2], float(m[3])) for line in plan_lines
              if (m := re.match(r"target 3 \(sparse plan\): (\S+) .* vs (\S+) dense .*: ([+-]\d+\.\d{3})$", line))}
-    expected = {f"{synthetic.best}+plan": synthetic.best, "base+plan": "base"}
+    expected = {f"{synthetic.best}+plan": synthetic.best, "base+plan": "base", "final@plan": "final"}
     assert len(plan_lines) == len(found) == len(expected), plan_lines
     for name, dense in expected.items():
         assert found[name][0] == dense
