@@ -58,14 +58,14 @@ def task_data(tokenizer, settings) -> TaskData:
                     val=split("val", settings.val_examples), test=split("test", settings.test_examples))
 
 
-def fit(model, composition, data: TaskData, settings, *, lr: float, seed: int, steps: int | None = None,
+def fit(model, composition, data: TaskData, settings, *, lr: float, seed: int, steps: int,
         on_step: Callable[[int, float], None] | None = None):
-    """Attach ``composition`` to ``model`` and train it for ``steps`` optimiser steps (default: ``settings.steps``,
-    a search trial's); returns ``(adapter_set, train_result)``. The adapters stay attached; the caller detaches
-    them (:func:`pipeline.adapters.detach_adapters`)."""
+    """Attach ``composition`` to ``model`` and train it for ``steps`` optimiser steps (a search trial's
+    ``settings.steps``, or the final comparison's ``settings.final_steps``); returns ``(adapter_set, train_result)``.
+    The adapters stay attached; the caller detaches them (:func:`pipeline.adapters.detach_adapters`)."""
     adapter_set = attach_adapters(model, composition, seed=seed)
     try:
-        result = train(model, data.train, adapter_set.trainable_parameters(), steps=steps or settings.steps,
+        result = train(model, data.train, adapter_set.trainable_parameters(), steps=steps,
                        batch_size=settings.batch_size, lr=lr, weight_decay=settings.weight_decay,
                        warmup_ratio=settings.warmup_ratio, max_grad_norm=settings.max_grad_norm,
                        aux_loss=adapter_set.weighted_aux_loss, on_step=on_step, seed=seed)
