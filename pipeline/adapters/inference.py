@@ -8,6 +8,7 @@ it would decode alone. With a plan applied (``model.moa_plan``) decoding runs th
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -53,21 +54,28 @@ def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, stop: list[in
 
 
 def greedy_answers(model, tokenizer, examples: Sequence[AdapterExample], *, max_new_tokens: int,
-                   batch_size: int = 8) -> list[str]:
+                   batch_size: int = 8, progress: bool = True) -> list[str]:
     """The model's greedy answer to each example's prompt (chat template), cut at the first end token and decoded
-    without special tokens; in the order of ``examples``."""
+    without special tokens; in the order of ``examples``. A transient tqdm bar counts the answered examples
+    (``progress=False`` or ``MOA_NO_PROGRESS=1`` hides it)."""
+    from tqdm.auto import tqdm
+
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     stop = end_ids(model, tokenizer)
     device = next(model.parameters()).device
     prompts = [chat_ids(tokenizer, example.prompt) for example in examples]
     answers: list[str | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="answer", leave=False, dynamic_ncols=True,
+               disable=not progress or os.environ.get("MOA_NO_PROGRESS") == "1")
     for batch in _length_buckets(prompts, batch_size):
         input_ids = torch.tensor([prompts[i] for i in batch], device=device)  # (B, P)
         continuations = _generate(model, input_ids, max_new_tokens, stop).tolist()  # (B, R)
         for i, tokens in zip(batch, continuations, strict=True):
             ended = next((k for k, token in enumerate(tokens) if token in stop), len(tokens))
             answers[i] = tokenizer.decode(tokens[:ended], skip_special_tokens=True).strip()
+        bar.update(len(batch))
+    bar.close()
     return answers  # type: ignore[return-value]
 
 
