@@ -3,8 +3,8 @@
 The run directory holds a real MLflow SQLite store written through ``pipeline.tracking.Tracker`` with the adapters
 experiment (``moa-autotune-adapters``) as ``stage=adapters`` logs it: search trials ``trial_<n>`` (one pruned, with
 only its loss curve), the ``final`` model (the best Pareto composition retrained), the baselines ``base``, ``lora``
-and ``moe_lora``, and the sparse-plan runs ``base+plan``, ``trial_<n>+plan`` and ``final@plan``, tagged ``kind``, ``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and
-``study``, with random but known metrics. Beside them sit runs the notebook must leave out: a run of another run
+and ``moe_lora``, and the sparse-plan runs ``base+plan``, ``trial_<n>+plan`` and ``final@plan``, tagged ``kind``,
+``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and ``study``, with random but known metrics. Beside them sit runs the notebook must leave out: a run of another run
 directory (the newest ``trial_1``), a trial of an older study and an older ``lora`` run. The notebook runs headless
 through papermill (as ``make notebooks`` runs it) with ``tests.test_eval_notebooks``' recorder cell first; the tests
 check every plotted point, ring, error bar, bar and loss curve against the store, and the printed targets against an
@@ -118,14 +118,13 @@ def write_run_dir(run_dir: Path) -> SimpleNamespace:
     log("lora", {"kind": "baseline", "composition": "lora3[q,v]|none"}, runs["lora"])
     log("moe_lora", {"kind": "baseline", "composition": "lora4[q,v]x4|top2"}, runs["moe_lora"])
     log("base+plan", {"kind": "baseline", "composition": "base", "plan": "selected"}, runs["base+plan"])
-    log(f"{best}+plan", {"kind": "pareto", "composition": TRIALS[int(best.split("_")[1])][0], "plan": "selected"},
-        runs[f"{best}+plan"])
+    best_composition = TRIALS[int(best.split("_")[1])][0]
+    log(f"{best}+plan", {"kind": "pareto", "composition": best_composition, "plan": "selected"}, runs[f"{best}+plan"])
     # the best composition retrained for adapters.final_steps, and its adapters scored under the plan
     runs["final"] = scores(rng, 0.95, runs[best]["trainable_params"])
     runs["final@plan"] = scores(rng, 0.7, runs[best]["trainable_params"])
-    log("final", {"kind": "final", "composition": TRIALS[int(best.split("_")[1])][0]}, runs["final"])
-    log("final@plan", {"kind": "final", "composition": TRIALS[int(best.split("_")[1])][0], "plan": "selected"},
-        runs["final@plan"])
+    log("final", {"kind": "final", "composition": best_composition}, runs["final"])
+    log("final@plan", {"kind": "final", "composition": best_composition, "plan": "selected"}, runs["final@plan"])
     log("trial_1", {"kind": "trial", "composition": "lora4[q,v]|soft", "trial": "1", "study": STUDY,
                     "state": "complete", "pareto": "true"}, scores(rng, 0.97, 100), losses(rng, 0.9, STEPS),
         where=str(run_dir.parent / "another-run"))  # the newest trial_1, of the same study, in another run dir

@@ -8,7 +8,6 @@ it would decode alone. With a plan applied (``model.moa_plan``) decoding runs th
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.adapters.tasks import AdapterExample, is_correct
-from pipeline.adapters.training import im_end_id
+from pipeline.adapters.training import im_end_id, progress_bar
 from pipeline.calibration.builder import chat_ids, end_token_ids
 from pipeline.sparse_runtime import generate as sparse_generate
 
@@ -58,24 +57,20 @@ def greedy_answers(model, tokenizer, examples: Sequence[AdapterExample], *, max_
     """The model's greedy answer to each example's prompt (chat template), cut at the first end token and decoded
     without special tokens; in the order of ``examples``. A transient tqdm bar counts the answered examples
     (``progress=False`` or ``MOA_NO_PROGRESS=1`` hides it)."""
-    from tqdm.auto import tqdm
-
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     stop = end_ids(model, tokenizer)
     device = next(model.parameters()).device
     prompts = [chat_ids(tokenizer, example.prompt) for example in examples]
     answers: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="answer", leave=False, dynamic_ncols=True,
-               disable=not progress or os.environ.get("MOA_NO_PROGRESS") == "1")
-    for batch in _length_buckets(prompts, batch_size):
-        input_ids = torch.tensor([prompts[i] for i in batch], device=device)  # (B, P)
-        continuations = _generate(model, input_ids, max_new_tokens, stop).tolist()  # (B, R)
-        for i, tokens in zip(batch, continuations, strict=True):
-            ended = next((k for k, token in enumerate(tokens) if token in stop), len(tokens))
-            answers[i] = tokenizer.decode(tokens[:ended], skip_special_tokens=True).strip()
-        bar.update(len(batch))
-    bar.close()
+    with progress_bar(len(prompts), "answer", progress=progress, leave=False) as bar:
+        for batch in _length_buckets(prompts, batch_size):
+            input_ids = torch.tensor([prompts[i] for i in batch], device=device)  # (B, P)
+            continuations = _generate(model, input_ids, max_new_tokens, stop).tolist()  # (B, R)
+            for i, tokens in zip(batch, continuations, strict=True):
+                ended = next((k for k, token in enumerate(tokens) if token in stop), len(tokens))
+                answers[i] = tokenizer.decode(tokens[:ended], skip_special_tokens=True).strip()
+            bar.update(len(batch))
     return answers  # type: ignore[return-value]
 
 

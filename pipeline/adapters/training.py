@@ -156,6 +156,14 @@ def _epochs(count: int, generator: torch.Generator):
         yield from torch.randperm(count, generator=generator).tolist()
 
 
+def progress_bar(total: int, desc: str, *, progress: bool = True, **kwargs):
+    """A tqdm bar over ``total`` units, hidden when ``progress`` is false or ``MOA_NO_PROGRESS=1``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True,
+                disable=not progress or os.environ.get("MOA_NO_PROGRESS") == "1", **kwargs)
+
+
 def train(model, encoded: Sequence[EncodedExample], params: Sequence[torch.nn.Parameter], *, steps: int,
           batch_size: int, lr: float, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
           max_grad_norm: float | None = 1.0, aux_loss: Callable[[], torch.Tensor] | None = None,
@@ -169,7 +177,6 @@ def train(model, encoded: Sequence[EncodedExample], params: Sequence[torch.nn.Pa
     loss or gradient norm stops training at once with :class:`TrainingDiverged`. The model trains in train mode
     (dropout on) and is left in eval mode, also when training stops early. ``position``/``leave`` go to the
     tqdm bar, so a caller's outer bar stays readable; ``progress=False`` (or ``MOA_NO_PROGRESS=1``) hides it."""
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     params = list(params)
@@ -189,8 +196,7 @@ def train(model, encoded: Sequence[EncodedExample], params: Sequence[torch.nn.Pa
     unpadded = getattr(model, "moa_plan", None) is not None  # the sparse runtime refuses padding
     result = TrainResult(steps=0)
     durations: list[float] = []
-    bar = tqdm(total=steps, desc="train", position=position, leave=leave, dynamic_ncols=True,
-               disable=not progress or os.environ.get("MOA_NO_PROGRESS") == "1")
+    bar = progress_bar(steps, "train", progress=progress, position=position, leave=leave)
     started = time.perf_counter()
     model.train()
     try:
