@@ -673,6 +673,13 @@ class OptunaSettings:
     heartbeat_s: int
     worker: bool
     """Only add trials to the (shared) study, and leave the baselines and results to the stage's own run."""
+    time_budget_min: float | None = None
+    """No new trial starts once the trial time (summed over workers) and a typical trial would pass this many
+    minutes; ``None``: no limit, only ``trials``."""
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return None if self.time_budget_min is None else 60.0 * self.time_budget_min
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptunaSettings:
@@ -694,6 +701,8 @@ class OptunaSettings:
             study_name=_text("adapters.optuna.study_name", read("study_name")),
             heartbeat_s=_int("adapters.optuna.heartbeat_s", read("heartbeat_s"), 1),
             worker=_bool("adapters.optuna.worker", read("worker", False)),
+            time_budget_min=_optional(_number, "adapters.optuna.time_budget_min", read("time_budget_min"),
+                                      lambda x: x > 0, "null or a number of minutes > 0"),
         )
 
 

@@ -231,6 +231,17 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on(adapters_run):
     assert pruned[0].info.end_time <= later[0].info.start_time  # its end time is when it stopped
 
 
+def test_the_search_starts_no_trial_past_its_time_budget(tmp_path, capsys):
+    """A budget of 6 ms: the first trial starts (nothing is known yet), and takes longer, so no other one does."""
+    budget = ("adapters.optuna.time_budget_min=0.0001", "adapters.final_steps=null")
+    assert run_stage(tmp_path, *STAGE, *budget) == {"adapters": "ran"}
+    assert [t.state.name for t in _study(tmp_path).trials] == ["COMPLETE"]
+    assert "so 2 of the 3 trials were not run" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "adapters" / "results.csv")
+    assert list(frame.loc[frame["kind"].isin(["trial", "pareto"]), "name"]) == ["trial_0"]
+    assert set(frame.loc[frame["kind"] == "baseline", "name"]) == {"base", "lora", "moe_lora"}
+
+
 def _cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "MOA_NO_PROGRESS": "1"}
     return subprocess.Popen([sys.executable, "-m", "pipeline.run", "model=tiny", f"run_dir={run_dir}", *overrides],

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import datetime
 import statistics
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from pipeline.adapters.composition import validate_composition
 from pipeline.search.space import DEFAULT_SPACE, every_choice, layer_range, load_space, suggest
-from pipeline.search.study import MedianPruning, hide_password, open_storage, open_study, pareto_numbers
+from pipeline.search.study import (
+    MedianPruning,
+    committed_trial_seconds,
+    hide_password,
+    next_trial_fits,
+    open_storage,
+    open_study,
+    pareto_numbers,
+    typical_trial_seconds,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
@@ -146,6 +157,33 @@ def test_pareto_numbers_are_the_non_dominated_trials(tmp_path):
     brute = {i for i, (a, p) in enumerate(points)
              if not any(a2 >= a and p2 <= p and (a2 > a or p2 < p) for a2, p2 in points)}
     assert pareto_numbers(study) == brute
+
+
+def _timed_trial(number: int, state: TrialState, seconds: float, start: datetime.datetime):
+    """A finished trial that ran ``seconds`` (a running one, without an end), as a FrozenTrial to add."""
+    finished = state != TrialState.RUNNING
+    return optuna.trial.FrozenTrial(
+        number=number, state=state, value=None, values=[0.5, 10.0] if state == TrialState.COMPLETE else None,
+        datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=seconds) if finished else None,
+        params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=number)
+
+
+def test_the_time_budget_counts_finished_trials_and_a_typical_trial_for_each_running_and_the_next(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_s=30)
+    study = open_study(storage, "s", optuna.samplers.RandomSampler(seed=0))
+    assert next_trial_fits(study, 1.0)  # nothing known yet: the first trial always starts
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    spec = [(TrialState.COMPLETE, 300.0), (TrialState.PRUNED, 120.0), (TrialState.COMPLETE, 340.0),
+            (TrialState.COMPLETE, 320.0), (TrialState.FAIL, 500.0), (TrialState.RUNNING, 0.0)]
+    for number, (state, seconds) in enumerate(spec):
+        study.add_trial(_timed_trial(number, state, seconds, start))
+    typical = statistics.median([300.0, 340.0, 320.0])  # completed trials only: pruned ones stop early
+    committed = 300 + 120 + 340 + 320 + typical  # a failed trial is redone, so its time does not count
+    assert typical_trial_seconds(study) == pytest.approx(typical)
+    assert committed_trial_seconds(study) == pytest.approx(committed)
+    assert next_trial_fits(study, committed + typical)
+    assert not next_trial_fits(study, committed + typical - 1)
+    assert next_trial_fits(study, None)
 
 
 def test_an_unreachable_database_is_named_with_its_password_hidden():

@@ -122,6 +122,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "adapters.optuna.study_name": ("''",),
     "adapters.optuna.heartbeat_s": ("0",),
     "adapters.optuna.worker": ("sometimes",),
+    "adapters.optuna.time_budget_min": ("0", "-3", "abc", "inf"),
     "adapters.baselines.lora_targets": ("[q,bogus]", "[]"),
     "adapters.baselines.moe_lora_experts": ("1",),
     "adapters.baselines.moe_lora_rank": ("0",),

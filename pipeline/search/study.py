@@ -11,6 +11,9 @@
 - **Sampler**, pinned explicitly with its seed: TPE (multi-objective, ``n_startup_trials`` random trials
   first) or NSGA-II.
 - **Objectives**: maximise validation accuracy, minimise trainable parameters.
+- **Time budget**, optional: no new trial starts once the trial time the study has committed (finished trials,
+  plus a typical trial for each running one) and a typical trial would pass it
+  (:func:`next_trial_fits`). Trial time is summed over workers, so W workers spend it about W times as fast.
 - **Pruning.** Optuna does not take intermediate values in multi-objective studies (``Trial.report`` raises),
   so each trial also has a twin in a single-objective study ``<name>:pruning`` in the same storage. The twin
   reports the intermediate validation accuracy and asks Optuna's ``MedianPruner``; the pruning decision is
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import warnings
 
 import optuna
@@ -91,6 +95,30 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def typical_trial_seconds(study: optuna.Study) -> float:
+    """Median duration of the study's completed trials (pruned ones stop early, so they would understate it);
+    0 before the first completes."""
+    durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.duration is not None]
+    return statistics.median(durations) if durations else 0.0
+
+
+def committed_trial_seconds(study: optuna.Study) -> float:
+    """Trial time the study has used or is bound to use: the durations of its finished trials, plus a typical
+    trial's for each running one (a running trial's own clock would also count the downtime of a killed worker
+    whose trial is not yet failed)."""
+    finished = sum(t.duration.total_seconds() for t in finished_trials(study) if t.duration is not None)
+    return finished + count(study, TrialState.RUNNING) * typical_trial_seconds(study)
+
+
+def next_trial_fits(study: optuna.Study, budget_s: float | None) -> bool:
+    """Whether a new trial is expected to end within ``budget_s`` seconds of trial time: the committed time plus a
+    typical trial's. Always true without a budget (``None``)."""
+    if budget_s is None:
+        return True
+    return committed_trial_seconds(study) + typical_trial_seconds(study) <= budget_s
 
 
 def count(study: optuna.Study, *states: TrialState) -> int:

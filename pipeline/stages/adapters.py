@@ -51,13 +51,17 @@ from pipeline.search import fitting
 from pipeline.search.space import every_choice, suggest
 from pipeline.search.study import (
     MedianPruning,
+    committed_trial_seconds,
+    count,
     finished_trials,
     is_surplus,
     make_sampler,
     needs_trial,
+    next_trial_fits,
     open_storage,
     open_study,
     pareto_numbers,
+    typical_trial_seconds,
 )
 from pipeline.settings import DTYPES, budget_label
 from pipeline.sparse_runtime import plan_applied_if
@@ -287,7 +291,10 @@ def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
     bar = ctx.progress(total=opt.trials, initial=min(len(finished_trials(study)), opt.trials), desc="adapter trials")
     waiting_said = False
     while len(finished_trials(study)) < opt.trials:
-        if needs_trial(study, opt.trials):
+        fits = next_trial_fits(study, opt.time_budget_s)
+        if not fits and not count(study, optuna.trial.TrialState.RUNNING):
+            break
+        if fits and needs_trial(study, opt.trials):
             study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
         else:
             if not waiting_said:
@@ -299,8 +306,14 @@ def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
         bar.n = min(len(finished_trials(study)), opt.trials)
         bar.refresh()
     bar.close()
+    finished = len(finished_trials(study))
     base_note = "" if base is None else f", base validation accuracy {base['val_accuracy']:.3f}"
-    print(f"study {study.study_name}: {len(finished_trials(study))} trials finished{base_note}", flush=True)
+    print(f"study {study.study_name}: {finished} trials finished{base_note}", flush=True)
+    if finished < opt.trials:
+        print(f"study {study.study_name}: the search budget of {opt.time_budget_min:g} min of trial time is spent "
+              f"({committed_trial_seconds(study) / 60:.1f} min; a trial takes about "
+              f"{typical_trial_seconds(study) / 60:.1f}), so {opt.trials - finished} of the {opt.trials} trials were "
+              "not run; raise adapters.optuna.time_budget_min, or set it to null, to run them", flush=True)
 
 
 def _most_accurate(trials) -> optuna.trial.FrozenTrial | None:
