@@ -5,7 +5,8 @@
    compositions from ``search_spaces/adapters.yaml``; each trial trains on the mixed tasks, may be pruned on its
    validation accuracy halfway, and is then scored on the test split. Its adapters are saved under
    ``adapters/trial_<n>/``; it is one MLflow run in ``<experiment>-adapters``. A loss that turns NaN prunes the
-   trial. A rerun resumes the study from its RDB storage without redoing a finished trial.
+   trial. A rerun resumes the study from its RDB storage without redoing a finished trial. The search stops early
+   when the next trial would pass ``adapters.optuna.time_budget_min`` minutes of trial time.
 3. **Final comparison**, through the same harness and for ``adapters.final_steps`` optimiser steps each (a
    trial's ``adapters.steps`` is a short proxy): ``final`` (the most accurate Pareto composition, retrained at its
    trial's learning rate), ``lora`` (one LoRA, at least as many parameters as that composition) and ``moe_lora``
@@ -259,8 +260,9 @@ class SurplusTrial(Exception):
 
 def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
     """Run trials until ``adapters.optuna.trials`` have finished (completed or pruned) in the study, counting the
-    trials of every worker on the same storage. While the rest are running elsewhere this invocation waits, failing
-    the trials of dead workers (their retries are then run here)."""
+    trials of every worker on the same storage, or until no further trial fits ``adapters.optuna.time_budget_min``
+    (:func:`pipeline.search.study.next_trial_fits`). While the rest are running elsewhere this invocation waits,
+    failing the trials of dead workers (their retries are then run here)."""
     settings = harness.settings
     opt = settings.optuna
     pruning = MedianPruning(storage, study.study_name, enabled=opt.pruner == "median",
@@ -310,10 +312,10 @@ def _search(ctx, harness: _Harness, study, storage, base: dict) -> None:
     base_note = "" if base is None else f", base validation accuracy {base['val_accuracy']:.3f}"
     print(f"study {study.study_name}: {finished} trials finished{base_note}", flush=True)
     if finished < opt.trials:
-        print(f"study {study.study_name}: the search budget of {opt.time_budget_min:g} min of trial time is spent "
-              f"({committed_trial_seconds(study) / 60:.1f} min; a trial takes about "
-              f"{typical_trial_seconds(study) / 60:.1f}), so {opt.trials - finished} of the {opt.trials} trials were "
-              "not run; raise adapters.optuna.time_budget_min, or set it to null, to run them", flush=True)
+        print(f"study {study.study_name}: {committed_trial_seconds(study) / 60:.1f} min of trial time spent, and "
+              f"a trial takes about {typical_trial_seconds(study) / 60:.1f} min: the next would end past the search "
+              f"budget of {opt.time_budget_min:g} min, so {opt.trials - finished} of the {opt.trials} trials were not "
+              "run (adapters.optuna.time_budget_min=null runs them all)", flush=True)
 
 
 def _most_accurate(trials) -> optuna.trial.FrozenTrial | None:
