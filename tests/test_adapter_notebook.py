@@ -4,8 +4,9 @@ The run directory holds a real MLflow SQLite store written through ``pipeline.tr
 experiment (``moa-autotune-adapters``) as ``stage=adapters`` logs it: search trials ``trial_<n>`` (one pruned, with
 only its loss curve), the ``final`` model (the best Pareto composition retrained), the baselines ``base``, ``lora``
 and ``moe_lora``, and the sparse-plan runs ``base+plan``, ``trial_<n>+plan`` and ``final@plan``, tagged ``kind``,
-``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and ``study``, with random but known metrics. Beside them sit runs the notebook must leave out: a run of another run
-directory (the newest ``trial_1``), a trial of an older study and an older ``lora`` run. The notebook runs headless
+``pareto``, ``state``, ``plan``, ``composition``, ``run_dir``, ``trial`` and ``study``, with random but known
+metrics. Beside them sit runs the notebook must leave out: a run of another run directory (the newest ``trial_1``),
+a trial of an older study and an older ``lora`` run. The notebook runs headless
 through papermill (as ``make notebooks`` runs it) with ``tests.test_eval_notebooks``' recorder cell first; the tests
 check every plotted point, ring, error bar, bar and loss curve against the store, and the printed targets against an
 oracle here.
