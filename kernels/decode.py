@@ -7,8 +7,8 @@ Layout (the contract a fused kernel over the packed buffer should match): ``k_pa
 the cache needs it only when query heads of one GQA group have different spans.
 
 Backends. ``triton`` (and ``auto`` on CUDA) runs the split-KV kernel of :mod:`kernels.triton_decode` over the
-packed buffer itself: two launches per layer, no loop over heads, the ``keep`` mask applied inside the kernel.
-Pass ``valid_lengths`` as an int tensor on the cache's device (``PerHeadLayer.lengths``) and nothing
+packed buffer itself: one launch per layer (the merge fused in), no loop over heads, the ``keep`` mask applied
+inside the kernel. Pass ``valid_lengths`` as an int tensor on the cache's device (``PerHeadLayer.lengths``) and nothing
 synchronises with the host, so the step can be captured in a CUDA graph. ``torch`` (and ``auto`` elsewhere) scores
 the whole packed buffer in one matmul per layer under an additive mask of each query head's own visible slots
 (:func:`biased_decode_attention`); the runtime (:func:`layer_decode_attention`) takes that mask from the cache

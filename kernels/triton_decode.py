@@ -6,19 +6,24 @@ slots ``offsets[h] .. offsets[h+1] - 1`` and uses the first ``valid_lengths[h]``
 
 Schedule. Each KV head's capacity ``C_h`` is cut into chunks of ``chunk`` slots, and the work items
 ``(head, chunk)`` of all heads are laid end to end (head ``h`` owns items ``head_work[h] .. head_work[h+1] - 1``,
-a prefix sum of ``ceil(C_h / chunk)``). Two launches per call, with no loop over heads:
+a prefix sum of ``max(1, ceil(C_h / chunk))``). One program per (work item, batch row) loads the group's query
+heads once (padded to ``BLOCK_G >= 16`` rows for ``tl.dot``), streams its chunk's valid K/V tiles once for all of
+them (and the group's ``keep`` tile, if any), and writes an fp32 normalised partial output and its log2-sum-exp.
+The partials of one (KV head, batch row) are then merged with weights ``2^(lse_c - lse)``, ``BLOCK_C`` chunks at a
+time; a head with no kept slot gets zeros. The merge runs in one of two ways:
 
-- ``_chunk_kernel``, grid ``(W, B)``: one program per (work item, batch row) loads the group's query heads once
-  (padded to ``BLOCK_G >= 16`` rows for ``tl.dot``), streams its chunk's valid K/V tiles once for all of them
-  (and the group's ``keep`` tile, if any), and writes an fp32 normalised partial output and its log2-sum-exp.
-- ``_merge_kernel``, grid ``(Hkv, B)``: one program per (KV head, batch row) merges that head's partials with
-  weights ``2^(lse_c - lse)``; a head with no kept slot gets zeros.
+- ``fused`` (the default; ``MOA_TRITON_DECODE_MERGE=fused|separate``): one launch per call. Each program counts
+  itself done on a per-(batch row, KV head) device counter (an acquire-release atomic after a CTA barrier); the
+  program that finishes its head's last chunk merges that head (reading the partials through L2) and resets the
+  counter to zero, so the next call, or the next replay of a CUDA graph, starts from zero;
+- ``separate``: a second launch, ``_merge_kernel``, grid ``(Hkv, B)``.
 
 ``chunk`` is a host-side choice from the static capacities and the batch (:func:`chunk_size`): the largest power
 of two, at least ``MIN_CHUNK``, that still gives at least two programs per SM. So the grid is fixed for a layer
 across decode steps, and the autotune key (``chunk``, head_dim, group) never sees a length. Valid lengths, offsets
 and the mask are device tensors read by the kernels, so a step needs no host synchronisation and, after one
-warm-up call (which compiles, autotunes and caches the schedule tables), can be captured in a CUDA graph.
+warm-up call (which compiles, autotunes and caches the schedule tables and the counters), can be captured in a
+CUDA graph. Tests pin one config (``MOA_TRITON_DECODE_CONFIG=BLOCK_N,warps,stages``) so they never autotune.
 Import only where Triton is installed.
 """
 
@@ -33,24 +38,60 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CONFIG_ENV = "MOA_TRITON_DECODE_CONFIG"
+MERGE_ENV = "MOA_TRITON_DECODE_MERGE"
 MIN_CHUNK = 64
 INTERPRET_CHUNK = 32  # small, so tests on CPU run several chunks per head and several tiles per chunk
+MERGE_ROWS = 64  # chunks x query heads merged per step: BLOCK_C = MERGE_ROWS // group (a power of two)
 _LOG2E = 1.4426950408889634
-_CONFIGS = (
-    [triton.Config({"BLOCK_N": 16})]
-    if INTERPRET
-    else [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-          for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]]
-)
+# (BLOCK_N, num_warps, num_stages)
+AUTOTUNE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
+INTERPRET_CONFIG = (16, 4, 1)
 
 
-@triton.autotune(configs=_CONFIGS, key=["chunk", "HEAD_DIM", "GROUP", "HAS_KEEP"])
+@triton.jit
+def _merge_head(part_ptr, lse_ptr, o_ptr, b, kv, first, last, num_work, stride_ob, stride_oh,
+                GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the partials of work items ``[first, last)`` (one KV head, batch row ``b``) into the output rows of the
+    head's query heads: an online log-sum-exp over ``BLOCK_C`` chunks at a time; zeros when nothing was kept."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for w0 in range(first, last, BLOCK_C):
+        w = w0 + offs_c
+        rows = (b * num_work + w)[:, None] * GROUP + offs_g[None, :]  # (BLOCK_C, BLOCK_G)
+        ok = (w < last)[:, None] & g_ok[None, :]
+        lse = tl.load(lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=CACHE)  # (BLOCK_C, BLOCK_G)
+        part = tl.load(part_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                       mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                       cache_modifier=CACHE)  # (BLOCK_C, BLOCK_G, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe[None, :])  # (BLOCK_C, BLOCK_G); 0 for a chunk that kept nothing
+        acc = acc * alpha[:, None] + tl.sum(part * weight[:, :, None], 0)
+        total = total * alpha + tl.sum(weight, 0)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # (BLOCK_G, BLOCK_D); zeros for a head that kept nothing
+    heads = kv * GROUP + offs_g
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
 @triton.jit
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, offsets_ptr, lens_ptr, work_head_ptr, work_start_ptr,
-                  part_ptr, lse_ptr, scale_log2, chunk, num_work,
+                  head_work_ptr, part_ptr, lse_ptr, count_ptr, o_ptr, scale_log2, chunk, num_work, num_heads,
                   stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_mh, stride_mt,
-                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr):
+                  stride_ob, stride_oh,
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  FUSED: tl.constexpr, PRECISION: tl.constexpr):
     w = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     kv = tl.load(work_head_ptr + w)
@@ -100,38 +141,56 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, offsets_ptr, lens_ptr, work_hea
     tl.store(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
              mask=g_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=g_ok)
+    if FUSED:
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        counter = count_ptr + b * num_heads + kv
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # chunks of this (row, head) finished before
+        first = tl.load(head_work_ptr + kv)
+        last = tl.load(head_work_ptr + kv + 1)
+        if done == last - first - 1:  # the head's last chunk to finish merges it
+            _merge_head(part_ptr, lse_ptr, o_ptr, b, kv, first, last, num_work, stride_ob, stride_oh,
+                        GROUP, MERGE_G, HEAD_DIM, BLOCK_D, BLOCK_C, ".cg")
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+_chunk_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in AUTOTUNE_CONFIGS],
+    key=["chunk", "HEAD_DIM", "GROUP", "HAS_KEEP", "FUSED"],
+)(_chunk_kernel)
 
 
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, head_work_ptr, o_ptr, num_work, stride_ob, stride_oh,
-                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     kv = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    first = tl.load(head_work_ptr + kv)
-    last = tl.load(head_work_ptr + kv + 1)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    g_ok = offs_g < GROUP
-    gd_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    _merge_head(part_ptr, lse_ptr, o_ptr, b, kv, tl.load(head_work_ptr + kv), tl.load(head_work_ptr + kv + 1),
+                num_work, stride_ob, stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_C, "")
 
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for w in range(first, last):  # online log-sum-exp over this head's chunks
-        rows = (b * num_work + w) * GROUP + offs_g
-        lse = tl.load(lse_ptr + rows, mask=g_ok, other=float("-inf"))
-        part = tl.load(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=gd_ok, other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        weight = tl.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + part * weight[:, None]
-        total = total * alpha + weight
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # zeros for a head that kept nothing
-    heads = kv * GROUP + offs_g
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=gd_ok)
+
+def pinned_config() -> tuple[int, int, int] | None:
+    """``(BLOCK_N, num_warps, num_stages)`` from ``MOA_TRITON_DECODE_CONFIG``, else :data:`INTERPRET_CONFIG` under
+    the interpreter; None means autotune."""
+    raw = os.environ.get(CONFIG_ENV, "").strip()
+    if not raw:
+        return INTERPRET_CONFIG if INTERPRET else None
+    try:
+        bn, warps, stages = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{CONFIG_ENV}={raw!r}: expected three ints BLOCK_N,warps,stages") from None
+    if bn < 16 or bn & (bn - 1) or warps < 1 or warps & (warps - 1) or stages < 1:
+        raise ValueError(f"{CONFIG_ENV}={raw!r}: BLOCK_N must be a power of two >= 16, warps a power of two, "
+                         "stages >= 1")
+    return bn, warps, stages
+
+
+def fused_merge_default() -> bool:
+    """Whether calls merge inside the chunk kernel (one launch); ``MOA_TRITON_DECODE_MERGE`` overrides."""
+    raw = os.environ.get(MERGE_ENV, "fused").strip() or "fused"
+    if raw not in ("fused", "separate"):
+        raise ValueError(f"{MERGE_ENV}={raw!r}: expected 'fused' or 'separate'")
+    return raw == "fused"
 
 
 @functools.cache
@@ -139,16 +198,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def chunk_size(capacities, batch: int, device: torch.device | str) -> int:
+def chunk_size(capacities, batch: int, device: torch.device | str, programs_per_sm: int = 2) -> int:
     """Slots per chunk for this layer: from the static capacities only, so the grid is fixed across steps.
 
     Under the interpreter (or off CUDA) a small fixed ``INTERPRET_CHUNK``; on CUDA :func:`chunk_rule` with a
-    target of two programs per SM.
+    target of ``programs_per_sm`` programs per SM.
     """
     device = torch.device(device)
     if INTERPRET or device.type != "cuda":
         return INTERPRET_CHUNK
-    return chunk_rule(capacities, batch, 2 * _sm_count(device))
+    return chunk_rule(capacities, batch, programs_per_sm * _sm_count(device))
 
 
 def chunk_rule(capacities, batch: int, target_programs: int) -> int:
@@ -163,8 +222,9 @@ def chunk_rule(capacities, batch: int, target_programs: int) -> int:
 @functools.lru_cache(maxsize=256)
 def _schedule(offsets: tuple[int, ...], chunk: int, device: torch.device):
     """Device int32 tables for one layer's static layout: offsets ``[Hkv+1]``, each work item's KV head and
-    head-local first slot ``[W]``, and each head's first work item ``[Hkv+1]`` (a prefix sum of chunk counts)."""
-    counts = [triton.cdiv(hi - lo, chunk) for lo, hi in pairwise(offsets)]
+    head-local first slot ``[W]``, and each head's first work item ``[Hkv+1]`` (a prefix sum of chunk counts; a
+    head of capacity 0 still gets one empty item, so its merge writes its zeros)."""
+    counts = [max(1, triton.cdiv(hi - lo, chunk)) for lo, hi in pairwise(offsets)]
     work_head = [h for h, n in enumerate(counts) for _ in range(n)]
     work_start = [i * chunk for n in counts for i in range(n)]
     head_work = [0]
@@ -177,14 +237,23 @@ def _schedule(offsets: tuple[int, ...], chunk: int, device: torch.device):
     return table(offsets), table(work_head), table(work_start), table(head_work)
 
 
+@functools.lru_cache(maxsize=64)
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 done-counters of the fused merge, ``[size]`` (a power of two >= B * Hkv). Kept for the
+    process's life: a captured CUDA graph holds their address, and each call leaves them at zero. One stream at a
+    time per device uses them."""
+    return torch.zeros(size, dtype=torch.int32, device=device)
+
+
 def packed_decode_attention_triton(q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, offsets,
                                    valid_lengths, *, keep: torch.Tensor | None = None, scale: float | None = None,
-                                   chunk: int | None = None) -> torch.Tensor:
+                                   chunk: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """One decode step over the packed per-head cache; see the module docstring for the layout and schedule.
 
     q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); offsets: Hkv + 1 host ints (static for a layer);
     valid_lengths: (Hkv,) ints, ideally an int tensor on q's device (then nothing here synchronises; a host list
-    is copied); keep: optional (Hq, T) bool on q's device; chunk: override :func:`chunk_size`.
+    is copied); keep: optional (Hq, T) bool on q's device; chunk: override :func:`chunk_size`; fused: merge in the
+    chunk kernel (one launch) or in a second one (None: :func:`fused_merge_default`).
     Returns (B, Hq, 1, D) in q's dtype.
     """
     offsets = tuple(int(x) for x in offsets)
@@ -201,32 +270,37 @@ def packed_decode_attention_triton(q: torch.Tensor, k_packed: torch.Tensor, v_pa
     elif valid_lengths.shape != (hkv,) or valid_lengths.is_floating_point():
         raise ValueError(f"valid_lengths must be an int tensor of shape ({hkv},), got {tuple(valid_lengths.shape)}")
     lens = valid_lengths if valid_lengths.dtype == torch.int32 else valid_lengths.to(torch.int32)
+    fused = fused_merge_default() if fused is None else bool(fused)
 
     chunk = chunk or chunk_size(capacities, b, q.device)
     offsets_t, work_head, work_start, head_work = _schedule(offsets, int(chunk), q.device)
     num_work = work_head.numel()
     q, k_packed, v_packed = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_packed, v_packed))
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)  # (B, Hq, D)
-    if num_work == 0:  # every head has capacity 0
-        return out.zero_().unsqueeze(2)
     part = torch.empty(b, num_work, group, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, num_work, group, device=q.device, dtype=torch.float32)
+    counters = _counters(q.device, triton.next_power_of_2(b * hkv)) if fused else lens  # any pointer when separate
     mask = keep.view(torch.uint8) if keep is not None else lens  # any pointer when there is no mask
     stride_mh, stride_mt = (mask.stride(0), mask.stride(1)) if keep is not None else (0, 0)
-    block_g = max(16, triton.next_power_of_2(group))
+    merge_g = triton.next_power_of_2(group)
+    block_c = max(1, MERGE_ROWS // merge_g)
     block_d = max(16, triton.next_power_of_2(d))
     scale = d**-0.5 if scale is None else float(scale)
-    _chunk_kernel[(num_work, b)](
-        q, k_packed, v_packed, mask, offsets_t, lens, work_head, work_start, part, lse, scale * _LOG2E, int(chunk),
-        num_work, q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), v_packed.stride(0),
-        v_packed.stride(1), stride_mh, stride_mt,
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, HAS_KEEP=keep is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    _merge_kernel[(hkv, b)](
-        part, lse, head_work, out, num_work, out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-    )
+    args = (q, k_packed, v_packed, mask, offsets_t, lens, work_head, work_start, head_work, part, lse, counters, out,
+            scale * _LOG2E, int(chunk), num_work, hkv, q.stride(0), q.stride(1), k_packed.stride(0),
+            k_packed.stride(1), v_packed.stride(0), v_packed.stride(1), stride_mh, stride_mt, out.stride(0),
+            out.stride(1))
+    meta = dict(GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_C=block_c,
+                HAS_KEEP=keep is not None, FUSED=fused, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    config = pinned_config()
+    if config is None:
+        _chunk_autotuned[(num_work, b)](*args, **meta)
+    else:
+        block_n, warps, stages = config
+        _chunk_kernel[(num_work, b)](*args, **meta, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if not fused:
+        _merge_kernel[(hkv, b)](part, lse, head_work, out, num_work, out.stride(0), out.stride(1), GROUP=group,
+                                BLOCK_G=merge_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_C=block_c)
     return out.unsqueeze(2)  # (B, Hq, 1, D)
 
 

@@ -13,8 +13,9 @@ over one inner function whose ``MASK`` flag is a ``tl.constexpr``:
 force over the token mask). Programs run heavy first on a 1-D grid: KV groups by their largest span, each
 group's tiles last first, the query heads of a group side by side so they share K/V blocks in L2. On sm_90+ the
 loads and the store go through device-side tensor descriptors (TMA); elsewhere, and by default under
-``TRITON_INTERPRET=1``, through pointers. Autotuning is keyed on the length's power-of-two bucket, head_dim and
-group; :func:`pin_config` or ``MOA_TRITON_PREFILL_CONFIG=BM,BN,warps,stages`` replaces it with one config.
+``TRITON_INTERPRET=1``, through pointers. Autotuning is keyed on the power-of-two buckets of the length and of the
+widest span (host spans only), head_dim and group; :func:`pin_config` or
+``MOA_TRITON_PREFILL_CONFIG=BM,BN,warps,stages`` replaces it with one config.
 Import this module only where Triton is installed.
 """
 
@@ -136,8 +137,8 @@ def _attend(acc, m_i, l_i, q, k_src, v_src, n0, offs_m, offs_n, offs_d, n_ctx, s
 
 
 @triton.jit
-def _prefill_fwd(q_ptr, k_ptr, v_ptr, o_ptr, spans_ptr, kv_order_ptr, record_ptr, sink, n_ctx, n_bucket, batch,
-                 num_kv, scale_log2, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+def _prefill_fwd(q_ptr, k_ptr, v_ptr, o_ptr, spans_ptr, kv_order_ptr, record_ptr, sink, n_ctx, n_bucket, span_bucket,
+                 batch, num_kv, scale_log2, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, RECORD: tl.constexpr):
@@ -232,7 +233,8 @@ def _prefill_fwd(q_ptr, k_ptr, v_ptr, o_ptr, spans_ptr, kv_order_ptr, record_ptr
 _prefill_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
              for bm, bn, w, s in AUTOTUNE_CONFIGS],
-    key=["n_bucket", "HEAD_DIM", "GROUP"],  # a length bucket, not the exact length: one tuning per bucket
+    # Length and widest-span buckets, not exact values: one tuning per bucket (span_bucket is read only here).
+    key=["n_bucket", "span_bucket", "HEAD_DIM", "GROUP"],
 )(_prefill_fwd)
 
 
@@ -271,6 +273,9 @@ def _launch(q, k, v, spans, sink, scale, tma, record=None, config=None):
     group = hq // hkv
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # The widest span's power-of-two bucket tunes separately (a tile's block count follows it); read only from
+    # host spans, so a call with device spans never synchronises (then the length bucket stands in for it).
+    widest = min(int(spans.max()), n) if spans.device.type == "cpu" and spans.numel() else n
     spans = spans.to(device=q.device, dtype=torch.int64).clamp(max=2**30).to(torch.int32).contiguous()  # int32-safe
     kv_order = spans.view(hkv, group).amax(1).argsort(descending=True, stable=True).to(torch.int32)
     scale = d**-0.5 if scale is None else float(scale)
@@ -281,7 +286,7 @@ def _launch(q, k, v, spans, sink, scale, tma, record=None, config=None):
     if tma and not INTERPRET:
         _ensure_allocator()
     args = (q, k, v, out, spans, kv_order, out if record is None else record, int(sink), n,
-            triton.next_power_of_2(n), b, hkv, scale * LOG2E,
+            triton.next_power_of_2(n), triton.next_power_of_2(max(widest, 1)), b, hkv, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     meta = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),

@@ -63,6 +63,7 @@ DECODE_COLUMNS = ("mode", "seq_len", "batch", "kv_density", "backend", "q_heads"
 E2E_COLUMNS = ("mode", "method", "layers", "prompt_len", "batch", "new_tokens", "kv_density", "prefill_s", "total_s",
                "tokens_per_s", "decode_tokens_per_s", "kv_cache_gib", "peak_mem_gib", "status", "note")
 PINNED_PREFILL_CONFIG = "128,64,8,3"  # BM, BN, warps, stages for the tests (MOA_TRITON_PREFILL_CONFIG)
+PINNED_DECODE_CONFIG = "64,4,2"  # BLOCK_N, warps, stages for the tests (MOA_TRITON_DECODE_CONFIG)
 NAN = float("nan")
 ERR_FLOOR = 1e-5  # absolute slack where the low-precision reference is exact (the float32 dry run)
 
@@ -96,7 +97,7 @@ GPU = Shapes(
     e2e={"layers": 4, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
          "prompt": 32768, "batch": 4, "new_tokens": 128, "kv_density": 0.125},
     # Nominal 5 minutes in all (a part may overrun its budget by one row); gpu_check.sh caps the whole at 6.
-    budgets={"prefill": 130, "decode": 45, "e2e": 45}, test_timeout_s=80,
+    budgets={"prefill": 130, "decode": 60, "e2e": 45}, test_timeout_s=150,
 )
 DRY = Shapes(
     mode="dry", prefill_lengths=(256,), batch=1, q_heads=8, kv_heads=4, head_dim=32, sink=4, error_rows=(64, 32),
@@ -386,10 +387,13 @@ def _decode_base(s: Shapes, dtype, n: int, batch: int, density: float) -> dict:
 
 
 def _decode_case(part: Part, s: Shapes, n: int, batch: int, density: float, gen, flush, device, dtype) -> None:
-    """One decode step of a query at position ``n - 1``: dense SDPA, the packed per-head cache, Flex."""
+    """One decode step of a query at position ``n - 1``: dense SDPA, the packed per-head cache, Flex; called
+    eagerly, then (dense and ours) replayed from a CUDA graph, as a decode loop runs it: ours in its default
+    schedule (fused merge, two programs per SM), with the two-launch merge, and with 4 and 8 programs per SM."""
     import torch
     import torch.nn.functional as F
 
+    from kernels import triton_decode
     from kernels.decode import packed_decode_attention
     from kernels.flex import moa_decode_flex
 
@@ -398,27 +402,81 @@ def _decode_case(part: Part, s: Shapes, n: int, batch: int, density: float, gen,
     k, v = (torch.randn(batch, s.kv_heads, n, s.head_dim, generator=gen, device=device, dtype=dtype)
             for _ in range(2))
     kp, vp, offsets, valid = packed_cache(k, v, span, s.sink)
+    lengths = torch.tensor(valid, dtype=torch.int32, device=device)  # on the device, as the per-head cache holds them
     spans = torch.full((s.q_heads,), span)
     row0 = torch.zeros(1, dtype=torch.int64)
     sparse_refs = _references(q, k, v, spans, s.sink, row0, dtype, q_offset=n - 1)
     dense_refs = _references(q, k, v, torch.full((s.q_heads,), n), s.sink, row0, dtype, q_offset=n - 1)
     per_token = batch * s.head_dim * 2 * torch.empty((), dtype=dtype).element_size()  # K+V of one token, one head
-    cases = {  # name: (fn, KV tokens it needs, references)
-        "sdpa_dense": (partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=s.q_heads != s.kv_heads),
-                       s.kv_heads * n, dense_refs),
-        "packed_triton": (partial(packed_decode_attention, q, kp, vp, offsets, valid, backend="triton"), sum(valid),
-                          sparse_refs),
-        "flex": (partial(moa_decode_flex, q, k, v, spans, s.sink), sum(valid), sparse_refs),
+    dense = partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=s.q_heads != s.kv_heads)
+    ours = partial(triton_decode.packed_decode_attention_triton, q, kp, vp, offsets, lengths)
+    capacities = [hi - lo for lo, hi in zip(offsets, offsets[1:], strict=False)]
+
+    def chunked(per_sm: int, fused: bool = True):
+        return partial(ours, fused=fused, chunk=triton_decode.chunk_size(capacities, batch, device, per_sm))
+
+    cases = {  # name: (fn, KV tokens it needs, references, CUDA graph)
+        "sdpa_dense": (dense, s.kv_heads * n, dense_refs, False),
+        "packed_triton": (partial(packed_decode_attention, q, kp, vp, offsets, lengths, backend="triton"), sum(valid),
+                          sparse_refs, False),
+        "flex": (partial(moa_decode_flex, q, k, v, spans, s.sink), sum(valid), sparse_refs, False),
+        "sdpa_dense_graph": (dense, s.kv_heads * n, dense_refs, True),
+        "packed_triton_graph": (chunked(2), sum(valid), sparse_refs, True),
+        "packed_triton_graph_separate": (chunked(2, fused=False), sum(valid), sparse_refs, True),
+        "packed_triton_graph_4sm": (chunked(4), sum(valid), sparse_refs, True),
+        "packed_triton_graph_8sm": (chunked(8), sum(valid), sparse_refs, True),
     }
     timing = {"warmup": s.decode_warmup, "max_reps": s.decode_max_reps, "seconds": s.seconds_per_fn / 2}
-    dense_ms = NAN
-    for name, (fn, tokens, refs) in cases.items():
+    dense_ms = {}
+    for name, (fn, tokens, refs, graph) in cases.items():
         row = {**_decode_base(s, dtype, n, batch, density), "backend": name, "kv_bytes": tokens * per_token,
-               "ideal_speedup": s.kv_heads * n / tokens, "note": "L2 flushed before each call" if flush else ""}
+               "ideal_speedup": s.kv_heads * n / tokens,
+               "note": "; ".join(x for x in ("L2 flushed before each call" if flush else "",
+                                             _graph_note(fn, graph, device)) if x)}
+        try:
+            fn = graphed(fn, device) if graph else fn
+        except Exception as err:  # noqa: BLE001 - a capture failing must not lose the other rows
+            fn = _raiser(err)
         ms = _measure(row, fn, refs, row0, device, timing, flush)
-        dense_ms = ms if name == "sdpa_dense" else dense_ms
-        part.add({**row, "tbps": row["kv_bytes"] / (ms * 1e-3) / 1e12, "speedup_vs_dense": dense_ms / ms,
-                  "fraction_of_ideal": dense_ms / ms / row["ideal_speedup"]})
+        if name.startswith("sdpa_dense"):
+            dense_ms[graph] = ms
+        reference_ms = dense_ms.get(graph, NAN)
+        part.add({**row, "tbps": row["kv_bytes"] / (ms * 1e-3) / 1e12, "speedup_vs_dense": reference_ms / ms,
+                  "fraction_of_ideal": reference_ms / ms / row["ideal_speedup"]})
+
+
+def _graph_note(fn, graph: bool, device) -> str:
+    """What a row's schedule was: CUDA graph or eager, the decode chunk and merge where set."""
+    kwargs = getattr(fn, "keywords", {}) or {}
+    bits = ["CUDA graph replay (vs dense replayed)" if graph and device.type == "cuda" else
+            "no CUDA graph on CPU" if graph else "eager"]
+    if "chunk" in kwargs:
+        bits.append(f"chunk {kwargs['chunk']}, {'fused' if kwargs.get('fused', True) else 'two-launch'} merge")
+    return ", ".join(bits)
+
+
+def graphed(fn, device):
+    """``fn`` captured in a CUDA graph after warm-up calls on a side stream (compile, autotune, schedule tables);
+    returns a function that replays it and returns its output tensor. On CPU, ``fn`` itself."""
+    import torch
+
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------
@@ -519,10 +577,13 @@ def run_tests(part: Part, s: Shapes, out: Path) -> None:
         return
     junit = out / "tests_junit.xml"
     env = dict(os.environ, TRITON_INTERPRET="1" if s.mode == "dry" else "0", MOA_NO_PROGRESS="1")
-    if s.mode != "dry":
+    if s.mode != "dry":  # tests never autotune: one compile per shape
         env.setdefault("MOA_TRITON_PREFILL_CONFIG", PINNED_PREFILL_CONFIG)
+        env.setdefault("MOA_TRITON_DECODE_CONFIG", PINNED_DECODE_CONFIG)
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+    # -v: one line per finished test, so a timeout still shows how far it got; a test stuck for 45 s dumps stacks.
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o",
+               "faulthandler_timeout=45",
                "--continue-on-collection-errors", f"--junitxml={junit}", *files]
     log(f"tests: {' '.join(command[1:])} (timeout {s.test_timeout_s} s)")
     try:
@@ -531,6 +592,7 @@ def run_tests(part: Part, s: Shapes, out: Path) -> None:
     except subprocess.TimeoutExpired as err:
         out_text = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         (out / "tests_output.txt").write_text(out_text)
+        print(out_text[-3000:], flush=True)
         part.add({"mode": s.mode, "test": "(all)", "outcome": "error", "status": "error",
                   "message": f"pytest timed out after {s.test_timeout_s} s"})
         return

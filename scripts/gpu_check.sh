@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh           # on the GPU machine (about 5 minutes; capped at 6)
 #   bash scripts/gpu_check.sh --dry     # rehearsal on a CPU machine: tiny shapes, meaningless times (or GPU_CHECK_DRY=1)
+#   GPU_CHECK_PARTS=tests,decode bash scripts/gpu_check.sh   # a subset of tests,prefill,decode,e2e
 #
 # Exit status: 0 when every part ran and every row is ok; 1 when a part, a row or a test failed; 124 when the
 # whole check ran past its cap (what was written by then stays in $OUT). PYTHON picks the interpreter (python3).
@@ -30,7 +31,7 @@ if [ "$dry" != 1 ] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
 # One cap for everything (the tests have their own 80 s inside); -k: a hung kernel is killed 10 s later.
-timeout -k 10 360 "$python" scripts/gpu_bench.py
+timeout -k 10 360 "$python" scripts/gpu_bench.py --parts "${GPU_CHECK_PARTS:-tests,prefill,decode,e2e}"
 status=$?
 echo "gpu_check: exit $status; files in $OUT:"
 ls -l "$OUT"

@@ -78,12 +78,15 @@ CASES = [
     (3, 2, 4, 80, [70, 33], [70, 20], "random"),
     (1, 1, 7, 64, [90], [85], "bands"),
     (3, 2, 7, 80, [45, 129], [45, 129], None),
+    (2, 3, 2, 64, [0, 70, 0], [0, 70, 0], None),  # heads of capacity 0: no slot at all, zeros out
 ]
 
 
+@pytest.mark.parametrize("merge", ["fused", "separate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,hkv,group,d,capacities,lengths,keep", CASES)
-def test_packed_decode_matches_oracle(b, hkv, group, d, capacities, lengths, keep, dtype):
+def test_packed_decode_matches_oracle(b, hkv, group, d, capacities, lengths, keep, dtype, merge, monkeypatch):
+    monkeypatch.setenv(triton_decode.MERGE_ENV, merge)
     q, k, v, offsets, mask = packed_case(b, hkv, group, d, capacities, dtype, seed=b + d + group, keep=keep)
     device_lengths = torch.tensor(lengths, device=DEVICE)  # int64 on the device: converted there, no host copy
     args = [x.to(DEVICE) for x in (q, k, v)]
@@ -96,6 +99,32 @@ def test_packed_decode_matches_oracle(b, hkv, group, d, capacities, lengths, kee
             assert (out[:, h * group:(h + 1) * group] == 0).all()
     if keep == "random":
         assert (out[:, 1] == 0).all()  # a query head whose mask keeps nothing
+    if merge == "fused":  # every done-counter is back at zero for the next call (or graph replay)
+        assert not triton_decode._counters(torch.device(DEVICE), triton.next_power_of_2(b * hkv)).any()
+
+
+def test_fused_merge_is_repeatable_and_equals_the_separate_merge():
+    """Three fused calls in a row (the counters reset themselves) give the two-launch result bit for bit."""
+    q, k, v, offsets, mask = packed_case(2, 2, 4, 64, [100, 77], torch.float32, seed=11, keep="bands")
+    args = [x.to(DEVICE) for x in (q, k, v)]
+    lengths = torch.tensor([90, 77], device=DEVICE)
+    keep = mask.to(DEVICE)
+    separate = triton_decode.packed_decode_attention_triton(*args, offsets, lengths, keep=keep, fused=False)
+    for _ in range(3):
+        fused = triton_decode.packed_decode_attention_triton(*args, offsets, lengths, keep=keep, fused=True)
+        assert torch.equal(fused, separate)
+
+
+@pytest.mark.parametrize(("env", "value", "match"), [
+    ("MOA_TRITON_DECODE_MERGE", "both", "expected 'fused' or 'separate'"),
+    ("MOA_TRITON_DECODE_CONFIG", "64,4", "expected three ints"),
+    ("MOA_TRITON_DECODE_CONFIG", "48,4,2", "power of two"),
+])
+def test_bad_decode_settings_are_refused(env, value, match, monkeypatch):
+    monkeypatch.setenv(env, value)
+    q, k, v, offsets, _ = packed_case(1, 1, 2, 16, [20], torch.float32, seed=1)
+    with pytest.raises(ValueError, match=match):
+        triton_decode.packed_decode_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), offsets, [20])
 
 
 def test_host_lengths_and_explicit_chunks_agree():
