@@ -219,7 +219,7 @@ def chunk_rule(capacities, batch: int, target_programs: int) -> int:
     return chunk
 
 
-@functools.lru_cache(maxsize=256)
+@functools.cache  # never evicted: a captured graph may hold the tables' addresses
 def _schedule(offsets: tuple[int, ...], chunk: int, device: torch.device):
     """Device int32 tables for one layer's static layout: offsets ``[Hkv+1]``, each work item's KV head and
     head-local first slot ``[W]``, and each head's first work item ``[Hkv+1]`` (a prefix sum of chunk counts; a
@@ -237,7 +237,7 @@ def _schedule(offsets: tuple[int, ...], chunk: int, device: torch.device):
     return table(offsets), table(work_head), table(work_start), table(head_work)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a captured graph may hold the address
 def _counters(device: torch.device, size: int) -> torch.Tensor:
     """Zeroed int32 done-counters of the fused merge, ``[size]`` (a power of two >= B * Hkv). Kept for the
     process's life: a captured CUDA graph holds their address, and each call leaves them at zero. One stream at a
