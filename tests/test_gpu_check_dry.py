@@ -91,7 +91,11 @@ def test_dry_run_csv_columns_and_numbers(dry_run, part):
         assert {r["plan"] for r in rows} == {"dense", "uniform_n/4", "uniform_n/8", "mixed"}
         assert all(math.isfinite(float(r["ratio_vs_flex"])) for r in rows if r["backend"] == "triton")
     if part == "decode":
-        assert {r["backend"] for r in rows} == {"sdpa_dense", "packed_triton", "flex"}
+        eager = {"sdpa_dense", "packed_triton", "flex"}
+        graphed = {"sdpa_dense_graph", "packed_triton_graph", "packed_triton_graph_separate", "packed_triton_graph_4sm",
+                   "packed_triton_graph_8sm"}
+        assert {r["backend"] for r in rows} == eager | graphed
+        assert all(("CUDA" in r["note"]) == (r["backend"] in graphed) for r in rows), [r["note"] for r in rows]
     if part == "e2e":
         assert [r["method"] for r in rows] == ["dense", "moa_uniform"]
 
