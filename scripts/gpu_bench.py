@@ -21,8 +21,10 @@ failed):
   ``max_abs_err <= 2 * lowp_ref_err``, the Triton tutorial's idiom);
 - ``decode.csv``: one decode step at (32k, batch 1 and 16, KV density 0.25) and (128k, batch 8, 0.125) through
   ``kernels.decode.packed_decode_attention`` over a packed per-head cache, dense SDPA over the contiguous cache and
-  compiled Flex decode on the same mask; ms (L2 flushed before every timed call), effective TB/s (K/V bytes the
-  method needs / time), speed-up vs dense and the ideal (dense bytes / kept bytes);
+  compiled Flex decode on the same mask, called eagerly; then dense and ours replayed from a CUDA graph (``*_graph``
+  rows, ours also with the two-launch merge and with 4 and 8 programs per SM); ms (L2 flushed before every timed
+  call), effective TB/s (K/V bytes the method needs / time), speed-up vs dense (eager vs eager, graph vs graph) and
+  the ideal (dense bytes / kept bytes);
 - ``e2e.csv``: HF ``generate`` on a random 4-layer Llama-3-8B-shaped model (bf16), prompt 32k, batch 4, 128 new
   tokens: dense (SDPA, dynamic cache) and a uniform plan at KV density 0.125 (``moa`` attention, Triton kernels,
   per-head cache); tokens/s overall and in decode.
