@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -28,7 +29,8 @@ from pipeline.stages.registry import registered
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 4
-SEARCH = ("stage=adapters", "adapters.plan=null", "adapters.steps=40", "adapters.optuna.heartbeat_s=1",
+KILL_BEFORE_S = 0.7  # the victim is killed within this long of its trial's start; a trial takes about 1.5 s or more
+SEARCH = ("stage=adapters", "adapters.plan=null", "adapters.steps=120", "adapters.optuna.heartbeat_s=1",
           "adapters.optuna.pruner=none", f"adapters.optuna.trials={TRIALS}", "adapters.optuna.startup_trials=4")
 
 
@@ -81,13 +83,15 @@ def test_two_workers_record_every_trial_exactly_once_after_one_is_killed(tmp_pat
     killed_at = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and victim.poll() is None:
-        time.sleep(0.3)
+        time.sleep(0.1)
         study = _the_study(postgres_db)
         if study is None:
             continue
         trials = study.get_trials(deepcopy=False)
+        # Mid-trial: its composition is suggested, so training is under way; and young enough that it cannot have
+        # finished by the time the signal lands (a trial seen late in its life might, and then none is killed).
         mine = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(
-            f":{victim.pid}") and t.params]  # mid-trial: its composition is suggested, so training is under way
+            f":{victim.pid}") and t.params and (datetime.now() - t.datetime_start).total_seconds() < KILL_BEFORE_S]
         if mine and any(t.state == TrialState.COMPLETE for t in trials):
             killed_at = mine[0].number
             victim.send_signal(signal.SIGKILL)  # no clean-up of any kind
@@ -98,6 +102,9 @@ def test_two_workers_record_every_trial_exactly_once_after_one_is_killed(tmp_pat
     assert survivor.returncode == 0, output
 
     study = _the_study(postgres_db)
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+                 if t.state == TrialState.COMPLETE]
+    assert min(durations) > KILL_BEFORE_S, durations  # so the kill above landed mid-trial
     finished = study.get_trials(deepcopy=False, states=FINISHED)
     assert len(finished) == TRIALS, [(t.number, t.state) for t in study.trials]
     dead = study.trials[killed_at]
