@@ -47,7 +47,9 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -q
 
+# A run directory without its MLflow store is refused in one line: mlflow ui would create an empty store there.
 ui: setup
+	$(if $(wildcard $(abspath $(RUN_DIR))/mlflow.db),,$(error make ui: no MLflow store $(abspath $(RUN_DIR))/mlflow.db: set RUN_DIR to a run directory of the pipeline))
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db \
 		--default-artifact-root $(RUN_DIR)/mlartifacts
@@ -69,19 +71,22 @@ server: setup
 # Watch the adapter-composition study (stage=adapters) live: trials, Pareto front, parameter importances.
 # OPTUNA_STORAGE="$$(bash scripts/postgres.sh url)/moa_optuna" watches a study shared by many workers.
 OPTUNA_STORAGE ?= sqlite:///$(abspath $(RUN_DIR))/optuna.db
+OPTUNA_SQLITE = $(patsubst sqlite:///%,%,$(filter sqlite:///%,$(OPTUNA_STORAGE)))
 dashboard: setup
+	$(if $(OPTUNA_SQLITE),$(if $(wildcard $(OPTUNA_SQLITE)),,$(error make dashboard: no Optuna store $(OPTUNA_SQLITE): set RUN_DIR to a run directory where stage=adapters ran, or OPTUNA_STORAGE)))
 	@echo "optuna-dashboard on http://127.0.0.1:8080 (storage $$(echo '$(OPTUNA_STORAGE)' | sed -E 's#(://[^:/@]+:)[^@]*@#\1***@#'))"
 	@$(VENV)/bin/optuna-dashboard "$(OPTUNA_STORAGE)" --host 127.0.0.1 --port 8080
 
 # Execute the notebooks against one run directory; the executed copies go beside it, in <run dir>/notebooks/.
 # fronts.ipynb reads MOA_RUN_DIR; the other two take papermill parameters. A run directory without its MLflow
 # store is refused before anything runs (connecting to a missing SQLite store would create an empty one).
-NOTEBOOKS_RUN_DIR ?= runs/smollm2
+# RUN_DIR picks the run directory, as for make ui; NOTEBOOKS_RUN_DIR, the older name, still overrides it.
+NOTEBOOKS_RUN_DIR ?= $(RUN_DIR)
 NOTEBOOKS_DIR = $(abspath $(NOTEBOOKS_RUN_DIR))
 PAPERMILL = $(VENV)/bin/papermill --no-progress-bar --log-level WARNING --cwd notebooks -k python3
 
 notebooks: setup
-	$(if $(wildcard $(NOTEBOOKS_DIR)/mlflow.db),,$(error make notebooks: no MLflow store $(NOTEBOOKS_DIR)/mlflow.db: set NOTEBOOKS_RUN_DIR to a run directory of the pipeline))
+	$(if $(wildcard $(NOTEBOOKS_DIR)/mlflow.db),,$(error make notebooks: no MLflow store $(NOTEBOOKS_DIR)/mlflow.db: set RUN_DIR to a run directory of the pipeline))
 	mkdir -p $(NOTEBOOKS_DIR)/notebooks
 	MOA_RUN_DIR=$(NOTEBOOKS_DIR) $(PAPERMILL) notebooks/fronts.ipynb $(NOTEBOOKS_DIR)/notebooks/fronts.ipynb
 	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/accuracy_latency_front.ipynb \

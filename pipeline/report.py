@@ -36,9 +36,61 @@ def final_summary(cfg, run_dir: Path) -> str:
                          + ("  <- selected" if row["plan"] == best["plan"] else ""))
     lines += [f"Selected plan (budget {first[0]}): {artifacts.selected_plan}  ({first[1]})",
               f"All validation results: {artifacts.validation_results}"]
+    lines += evaluation_summary(artifacts)
     lines += adapters_summary(artifacts)
+    if artifacts.bench_csv.is_file():
+        lines.append(f"Kernel benchmark rows (prefill and decode against dense and FlexAttention): {artifacts.bench_csv}")
     lines.append(f"MLflow UI on these runs: {ui_command(cfg, run_dir)}")
+    lines.append(f"  compare plans and baselines there in the experiment {cfg.tracking.experiment}-plans "
+                 "(one run per plan; add metric columns with Columns)")
+    lines.append(f"Notebooks: make notebooks RUN_DIR={shlex.quote(str(run_dir))}   "
+                 f"(executed copies in {run_dir / 'notebooks'})")
     return "\n".join(lines)
+
+
+def evaluation_summary(artifacts: RunArtifacts) -> list[str]:
+    """Per method and budget, correct answers out of the items at each length (summed over the tasks), with the share
+    of answers equal to dense's; then the prefill and decode speed-ups over dense."""
+    path = artifacts.eval_results
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path, dtype={"budget": str}, keep_default_na=False)
+    frame["correct"] = (frame["accuracy"] * frame["n"]).round().astype(int)
+    frame["agreeing"] = frame["agree_dense"] * frame["n"]
+    lengths = sorted(frame["seq_len"].unique())
+    tasks = ", ".join(dict.fromkeys(frame["task"]))
+    cells = frame.groupby(["method", "budget", "seq_len"], sort=False)[["correct", "n", "agreeing"]].sum()
+    speed = frame.groupby(["method", "budget", "seq_len"], sort=False)[["prefill_speedup", "decode_speedup"]].median()
+    methods = list(dict.fromkeys(zip(frame["method"], frame["budget"], strict=True)))
+    header = f"  {'method':<8} {'budget':<6} " + "".join(f"{n:>14}" for n in lengths)
+    lines = ["", f"Evaluation ({tasks}): correct answers of n by prompt length, [share of answers equal to dense's]:",
+             header]
+    for method, budget in methods:
+        row = ""
+        for n in lengths:
+            cell = cells.loc[(method, budget, n)] if (method, budget, n) in cells.index else None
+            if cell is None:
+                row += f"{'-':>14}"
+                continue
+            agree = "" if method == "dense" else f" [{cell['agreeing'] / cell['n']:.2f}]"
+            row += f"{f'{int(cell.correct)}/{int(cell.n)}{agree}':>14}"
+        lines.append(f"  {method:<8} {budget:<6} {row}")
+    lines += ["Prefill / decode speed-up over dense (median over tasks, methods timed one after another; side by side: "
+              "scripts/plan_latency.py):", header]
+    for method, budget in methods:
+        if method == "dense":
+            continue
+        row = "".join(f"{_pair(speed, (method, budget, n)):>14}" for n in lengths)
+        lines.append(f"  {method:<8} {budget:<6} {row}")
+    lines.append(f"All evaluation results (per task, 95% intervals, KL from dense, perplexity, KV bytes): {path}")
+    return lines
+
+
+def _pair(speed: pd.DataFrame, key: tuple) -> str:
+    if key not in speed.index:
+        return "-"
+    prefill, decode = speed.loc[key]
+    return f"{prefill:.2f} / {decode:.2f}"
 
 
 def adapters_summary(artifacts: RunArtifacts) -> list[str]:

@@ -195,6 +195,27 @@ def test_stage_all_ends_with_a_summary_of_the_selected_plan(full_run, capsys):
     adapters = pd.read_csv(run_dir / "adapters" / "results.csv")
     for row in adapters[adapters["kind"] != "trial"].itertuples():  # the Pareto set and every baseline
         assert f"{row.name:<16} {row.kind:<8} {row.accuracy:.3f} [{row.acc_lo:.3f}, {row.acc_hi:.3f}]" in summary
+    _check_evaluation_lines(summary, run_dir)
+    assert f"make notebooks RUN_DIR={run_dir}" in summary and "moa-autotune-plans" in summary
+
+
+def _check_evaluation_lines(summary: str, run_dir: Path) -> None:
+    """Every (method, budget) of eval/results.csv has a line with its correct answers of n per length, summed over
+    the tasks, and (dense aside) the share of its answers equal to dense's, in length order."""
+    frame = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}, keep_default_na=False)
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Evaluation ("))
+    end = next(i for i, line in enumerate(lines) if line.startswith("Prefill / decode speed-up"))
+    assert set(frame["method"]) >= {"dense", "moa", "binary", "uniform"}
+    for (method, budget), rows in frame.groupby(["method", "budget"]):
+        line = next(line for line in lines[start:end] if line.startswith(f"  {method:<8} {budget:<6} "))
+        correct, agree = [], []
+        for _, cell in sorted(rows.groupby("seq_len")):
+            n = int(cell["n"].sum())
+            correct.append(f"{sum(round(a * k) for a, k in zip(cell['accuracy'], cell['n'], strict=True))}/{n}")
+            agree.append(f"[{sum(a * k for a, k in zip(cell['agree_dense'], cell['n'], strict=True)) / n:.2f}]")
+        assert re.findall(r"\b\d+/\d+\b", line) == correct, (line, correct)
+        assert re.findall(r"\[[\d.]+\]", line) == ([] if method == "dense" else agree), (line, agree)
 
 
 def test_candidate_runs_carry_their_validation_perplexity(full_run):

@@ -435,21 +435,32 @@ def test_a_run_dir_without_a_store_is_a_clear_error_and_creates_none(name, tmp_p
 # ---------------------------------------------------------------------------------------------------------------
 # make notebooks
 # ---------------------------------------------------------------------------------------------------------------
-def make_notebooks(run_dir: Path) -> subprocess.CompletedProcess:
+def make_target(target: str, run_dir: Path, variable: str = "RUN_DIR") -> subprocess.CompletedProcess:
+    """``make <target> <variable>=<run_dir>`` in the repository, with this interpreter's venv as the set-up one."""
     make = shutil.which("make")
     if make is None:
         pytest.skip("no make")
-    return subprocess.run([make, "-s", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "notebooks",
-                           f"NOTEBOOKS_RUN_DIR={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run([make, "-s", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", target,
+                           f"{variable}={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_make_notebooks_refuses_a_mistyped_run_dir_in_one_line(tmp_path):
+def make_notebooks(run_dir: Path) -> subprocess.CompletedProcess:
+    return make_target("notebooks", run_dir)
+
+
+@pytest.mark.parametrize(("target", "variable", "store"), [
+    ("notebooks", "RUN_DIR", "mlflow.db"),
+    ("notebooks", "NOTEBOOKS_RUN_DIR", "mlflow.db"),  # the older name
+    ("ui", "RUN_DIR", "mlflow.db"),
+    ("dashboard", "RUN_DIR", "optuna.db"),
+])
+def test_make_targets_refuse_a_mistyped_run_dir_in_one_line(tmp_path, target, variable, store):
     for run_dir in (tmp_path / "runs" / "smolm2", tmp_path):
-        result = make_notebooks(run_dir)
+        result = make_target(target, run_dir, variable)
         assert result.returncode != 0
         lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-        assert len(lines) == 1 and str(run_dir) in lines[0], lines
-        assert not (run_dir / "mlflow.db").exists() and not (run_dir / "notebooks").exists()
+        assert len(lines) == 1 and str(run_dir / store) in lines[0], lines
+        assert not (run_dir / store).exists() and not (run_dir / "notebooks").exists()
 
 
 @pytest.mark.slow  # three kernels in a row: about 35 s
