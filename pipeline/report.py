@@ -43,8 +43,11 @@ def final_summary(cfg, run_dir: Path) -> str:
     lines.append(f"MLflow UI on these runs: {ui_command(cfg, run_dir)}")
     lines.append(f"  compare plans and baselines there in the experiment {cfg.tracking.experiment}-plans "
                  "(one run per plan; add metric columns with Columns)")
-    lines.append(f"Notebooks: make notebooks RUN_DIR={shlex.quote(str(run_dir))}   "
-                 f"(executed copies in {run_dir / 'notebooks'})")
+    if cfg.tracking.get("uri"):
+        lines.append("Notebooks: pass -p tracking_uri <the server> to papermill (see the README, Notebooks)")
+    else:
+        lines.append(f"Notebooks: make notebooks RUN_DIR={shlex.quote(str(run_dir))}   "
+                     f"(executed copies in {run_dir / 'notebooks'})")
     return "\n".join(lines)
 
 
@@ -68,10 +71,10 @@ def evaluation_summary(artifacts: RunArtifacts) -> list[str]:
     for method, budget in methods:
         row = ""
         for n in lengths:
-            cell = cells.loc[(method, budget, n)] if (method, budget, n) in cells.index else None
-            if cell is None:
+            if (method, budget, n) not in cells.index:
                 row += f"{'-':>14}"
                 continue
+            cell = cells.loc[(method, budget, n)]
             agree = "" if method == "dense" else f" [{cell['agreeing'] / cell['n']:.2f}]"
             row += f"{f'{int(cell.correct)}/{int(cell.n)}{agree}':>14}"
         lines.append(f"  {method:<8} {budget:<6} {row}")
