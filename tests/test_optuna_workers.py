@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.pool import NullPool
 
 from pipeline.run import compose
 from pipeline.runner import stage_hash
@@ -41,11 +42,15 @@ def _cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 
 def _the_study(url: str) -> optuna.Study | None:
+    """The workers' study, or None before they made it. Each call opens its own storage without a connection pool:
+    the test polls ten times a second, and each discarded storage's pooled connection would stay open until the
+    server ran out of connection slots."""
     try:
-        names = [s.study_name for s in optuna.get_all_study_summaries(url) if not s.study_name.endswith(":pruning")]
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage) if not s.study_name.endswith(":pruning")]
     except Exception:  # noqa: BLE001 - tables not created yet
         return None
-    return optuna.load_study(study_name=names[0], storage=url) if names else None
+    return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 
 def test_a_worker_flag_leaves_the_study_name_unchanged():
