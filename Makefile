@@ -47,9 +47,14 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-# A run directory without its MLflow store is refused in one line: mlflow ui would create an empty store there.
+# $(call require_store,<file>,<target>,<kind>,<hint>): stop in one line unless <file> exists. The UI, the dashboard and
+# the notebooks would otherwise create an empty store in a mistyped run directory.
+require_store = $(if $(wildcard $(1)),,$(error make $(2): no $(3) store $(1): $(4)))
+RUN_DIR_HINT = set RUN_DIR to a run directory of the pipeline
+comma := ,
+
 ui: setup
-	$(if $(wildcard $(abspath $(RUN_DIR))/mlflow.db),,$(error make ui: no MLflow store $(abspath $(RUN_DIR))/mlflow.db: set RUN_DIR to a run directory of the pipeline))
+	$(call require_store,$(abspath $(RUN_DIR))/mlflow.db,ui,MLflow,$(RUN_DIR_HINT))
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db \
 		--default-artifact-root $(RUN_DIR)/mlartifacts
@@ -73,7 +78,7 @@ server: setup
 OPTUNA_STORAGE ?= sqlite:///$(abspath $(RUN_DIR))/optuna.db
 OPTUNA_SQLITE = $(patsubst sqlite:///%,%,$(filter sqlite:///%,$(OPTUNA_STORAGE)))
 dashboard: setup
-	$(if $(OPTUNA_SQLITE),$(if $(wildcard $(OPTUNA_SQLITE)),,$(error make dashboard: no Optuna store $(OPTUNA_SQLITE): set RUN_DIR to a run directory where stage=adapters ran, or OPTUNA_STORAGE)))
+	$(if $(OPTUNA_SQLITE),$(call require_store,$(OPTUNA_SQLITE),dashboard,Optuna,set RUN_DIR to a run directory where stage=adapters ran$(comma) or OPTUNA_STORAGE))
 	@echo "optuna-dashboard on http://127.0.0.1:8080 (storage $$(echo '$(OPTUNA_STORAGE)' | sed -E 's#(://[^:/@]+:)[^@]*@#\1***@#'))"
 	@$(VENV)/bin/optuna-dashboard "$(OPTUNA_STORAGE)" --host 127.0.0.1 --port 8080
 
@@ -86,7 +91,7 @@ NOTEBOOKS_DIR = $(abspath $(NOTEBOOKS_RUN_DIR))
 PAPERMILL = $(VENV)/bin/papermill --no-progress-bar --log-level WARNING --cwd notebooks -k python3
 
 notebooks: setup
-	$(if $(wildcard $(NOTEBOOKS_DIR)/mlflow.db),,$(error make notebooks: no MLflow store $(NOTEBOOKS_DIR)/mlflow.db: set RUN_DIR to a run directory of the pipeline))
+	$(call require_store,$(NOTEBOOKS_DIR)/mlflow.db,notebooks,MLflow,$(RUN_DIR_HINT))
 	mkdir -p $(NOTEBOOKS_DIR)/notebooks
 	MOA_RUN_DIR=$(NOTEBOOKS_DIR) $(PAPERMILL) notebooks/fronts.ipynb $(NOTEBOOKS_DIR)/notebooks/fronts.ipynb
 	$(PAPERMILL) -r run_dir $(NOTEBOOKS_DIR) notebooks/accuracy_latency_front.ipynb \

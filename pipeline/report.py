@@ -69,14 +69,7 @@ def evaluation_summary(artifacts: RunArtifacts) -> list[str]:
     lines = ["", f"Evaluation ({tasks}): correct answers of n by prompt length, [share of answers equal to dense's]:",
              header]
     for method, budget in methods:
-        row = ""
-        for n in lengths:
-            if (method, budget, n) not in cells.index:
-                row += f"{'-':>14}"
-                continue
-            cell = cells.loc[(method, budget, n)]
-            agree = "" if method == "dense" else f" [{cell['agreeing'] / cell['n']:.2f}]"
-            row += f"{f'{int(cell.correct)}/{int(cell.n)}{agree}':>14}"
+        row = "".join(f"{_count(cells, (method, budget, n)):>14}" for n in lengths)
         lines.append(f"  {method:<8} {budget:<6} {row}")
     lines += ["Prefill / decode speed-up over dense (median over tasks, methods timed one after another; side by side: "
               "scripts/plan_latency.py):", header]
@@ -87,6 +80,15 @@ def evaluation_summary(artifacts: RunArtifacts) -> list[str]:
         lines.append(f"  {method:<8} {budget:<6} {row}")
     lines.append(f"All evaluation results (per task, 95% intervals, KL from dense, perplexity, KV bytes): {path}")
     return lines
+
+
+def _count(cells: pd.DataFrame, key: tuple) -> str:
+    """``correct/n``, and for a method other than dense its share of answers equal to dense's; ``-`` if not run."""
+    if key not in cells.index:
+        return "-"
+    cell = cells.loc[key]
+    agree = "" if key[0] == "dense" else f" [{cell['agreeing'] / cell['n']:.2f}]"
+    return f"{int(cell['correct'])}/{int(cell['n'])}{agree}"
 
 
 def _pair(speed: pd.DataFrame, key: tuple) -> str:
