@@ -58,7 +58,8 @@ TRACKING_SCHEMES = ("sqlite:", "http:", "https:", "file:", "postgresql:")
 STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql")
 SAMPLERS = ("tpe", "nsga2")
 PRUNERS = ("median", "none")
-ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""A stage's own model dtype (``evaluate.dtype``, ``adapters.dtype``); see :class:`ComputeDtype`."""
 MIN_LENGTH = 16
 """The shortest calibration, profile or validation length."""
 BENCH_CPU_SEQ_LENS = (1024, 2048, 4096, 8192)
@@ -557,8 +558,22 @@ def validation_length(cfg: DictConfig, value: Any, need_length: bool) -> int | N
     return length
 
 
+class ComputeDtype:
+    """A stage setting ``dtype`` (one of :data:`COMPUTE_DTYPES`): the model's dtype in that stage."""
+
+    dtype: str
+
+    def compute_dtype(self, model_dtype: str, device) -> str:
+        """The model's dtype for this stage on ``device`` (a ``torch.device``), when it was loaded as
+        ``model_dtype``: ``dtype`` itself, or for ``auto`` bfloat16 where the device computes it natively (CUDA
+        with bf16 support, a CPU with AVX512-BF16 or AMX), else ``model_dtype``."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if model_dtype == "bfloat16" or native_bfloat16(device) else model_dtype
+
+
 @dataclass(frozen=True)
-class EvaluateSettings:
+class EvaluateSettings(ComputeDtype):
     """``evaluate.*``: the methods x budgets x tasks x lengths evaluation."""
 
     tasks: tuple[str, ...]
@@ -568,6 +583,9 @@ class EvaluateSettings:
     max_new_tokens: int
     seed: int
     backend: str
+    dtype: str
+    """The model's dtype in this stage: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (see
+    :meth:`compute_dtype`). Every method, dense included, runs in it."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> EvaluateSettings:
@@ -587,6 +605,7 @@ class EvaluateSettings:
             max_new_tokens=max_new_tokens,
             seed=_int("evaluate.seed", read("seed"), 0),
             backend=_choice("evaluate.backend", read("backend"), PREFILL_BACKENDS),
+            dtype=_choice("evaluate.dtype", read("dtype"), COMPUTE_DTYPES),
         )
 
 
@@ -707,7 +726,7 @@ class OptunaSettings:
 
 
 @dataclass(frozen=True)
-class AdaptersSettings:
+class AdaptersSettings(ComputeDtype):
     """``adapters.*``: the Mixture-of-Adapters search, its tasks, training and baselines."""
 
     tasks: tuple[str, ...]
@@ -796,7 +815,7 @@ class AdaptersSettings:
             plan=plan,
             plan_training=_bool("adapters.plan_training", read("plan_training")),
             backend=_choice("adapters.backend", read("backend"), PREFILL_BACKENDS),
-            dtype=_choice("adapters.dtype", read("dtype"), ADAPTER_DTYPES),
+            dtype=_choice("adapters.dtype", read("dtype"), COMPUTE_DTYPES),
             seed=_int("adapters.seed", read("seed"), 0),
             optuna=OptunaSettings.from_cfg(cfg),
             lora_targets=_choice_list("adapters.baselines.lora_targets", baselines.get("lora_targets"), LORA_TARGETS),
@@ -806,14 +825,6 @@ class AdaptersSettings:
                                           LORA_TARGETS),
             moe_lora_top_k=top_k,
         )
-
-    def compute_dtype(self, model_dtype: str, device) -> str:
-        """The base model's dtype for this stage on ``device`` (a ``torch.device``), when the model was loaded as
-        ``model_dtype``: ``dtype`` itself, or for ``auto`` bfloat16 where the device computes it natively (CUDA
-        with bf16 support, a CPU with AVX512-BF16 or AMX), else ``model_dtype``."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if model_dtype == "bfloat16" or native_bfloat16(device) else model_dtype
 
 
 def native_bfloat16(device) -> bool:

@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from pipeline.adapters import Composition, ExpertSpec, RouterSpec, attach_adapters, detach_adapters
 from pipeline.adapters.attach import adapter_dtype
 from pipeline.run import compose
-from pipeline.settings import AdaptersSettings, native_bfloat16
+from pipeline.settings import AdaptersSettings, EvaluateSettings, native_bfloat16
 from tests.test_adapters_library import HETEROGENEOUS, VOCAB, perturb, token_ids
 
 # Every expert kept: a top-k below the count would pick other experts where bfloat16 rounding reorders near ties.
@@ -66,10 +66,12 @@ def test_adapter_dtype(base, kept):
     assert adapter_dtype(base) == kept
 
 
-def _settings(dtype: str) -> AdaptersSettings:
-    return AdaptersSettings.from_cfg(compose(["model=tiny", f"adapters.dtype={dtype}"]))
+def _settings(section: str, dtype: str) -> AdaptersSettings | EvaluateSettings:
+    settings = {"adapters": AdaptersSettings, "evaluate": EvaluateSettings}[section]
+    return settings.from_cfg(compose(["model=tiny", f"{section}.dtype={dtype}"]))
 
 
+@pytest.mark.parametrize("section", ["adapters", "evaluate"])
 @pytest.mark.parametrize(("setting", "model_dtype", "native", "expected"), [
     ("auto", "float32", True, "bfloat16"),
     ("auto", "float32", False, "float32"),
@@ -77,11 +79,11 @@ def _settings(dtype: str) -> AdaptersSettings:
     ("float32", "float32", True, "float32"),
     ("bfloat16", "float32", False, "bfloat16"),
 ])
-def test_compute_dtype(monkeypatch, setting, model_dtype, native, expected):
+def test_compute_dtype(monkeypatch, section, setting, model_dtype, native, expected):
     import pipeline.settings as settings_module
 
     monkeypatch.setattr(settings_module, "native_bfloat16", lambda device: native)
-    assert _settings(setting).compute_dtype(model_dtype, torch.device("cpu")) == expected
+    assert _settings(section, setting).compute_dtype(model_dtype, torch.device("cpu")) == expected
 
 
 def test_native_bfloat16_follows_the_cpu_capability(monkeypatch):

@@ -11,6 +11,7 @@ import mlflow
 import nbformat
 import pandas as pd
 import pytest
+import torch
 from nbclient import NotebookClient
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ from kernels.pattern import span_at
 from pipeline.plan import load_plan, plan_kv_density
 from pipeline.report import final_summary
 from pipeline.run import compose
+from pipeline.settings import native_bfloat16
 from tests.pipeline_helpers import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +106,13 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
             assert (full, rows["kv_density"].iloc[0]) == pytest.approx(
                 _most_full_heads(selected, window, n, moa["kv_density"].iloc[0]))
         assert (rows["kl_dense"] >= 0).all()
+    # Dense's KV bytes are its cache's: K and V for every layer and KV head, of the prompt and the fed response
+    # tokens, in the dtype evaluate.dtype=auto resolves to on this machine (bfloat16 where the CPU has bf16 units).
+    dtype = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
+    tiny = compose(["model=tiny"]).model
+    per_token = 2 * tiny.num_layers * tiny.num_kv_heads * (tiny.hidden_size // tiny.num_heads) * dtype.itemsize
+    for row in dense.itertuples():
+        assert row.kv_bytes % per_token == 0 and row.seq_len - 64 <= row.kv_bytes // per_token <= row.seq_len
     # KV bytes are what the cache held: a plan's bytes against dense's follow its KV density.
     for row in frame[frame["method"] == "moa"].itertuples():
         dense_bytes = dense[(dense["task"] == row.task) & (dense["seq_len"] == row.seq_len)]["kv_bytes"].iloc[0]

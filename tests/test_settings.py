@@ -79,6 +79,7 @@ BAD: dict[str, tuple[str | tuple[str, str], ...]] = {
     "evaluate.max_new_tokens": ("0", "abc"),
     "evaluate.seed": ("-1",),
     "evaluate.backend": ("warp",),
+    "evaluate.dtype": ("float64", "half"),
     "benchmark.seq_lens": ("[0]", "1024", "[]"),
     "benchmark.densities": ("[2.0]", "[]"),
     "benchmark.backends": ("[dense,warp]", "dense"),

@@ -8,6 +8,9 @@ Wilson interval, agreement with dense's answers, KL from dense on dense's respon
 prefill and per-token decode latency and their speed-up over dense (paired by prompt), KV bytes and densities
 (see :mod:`pipeline.evaluation.harness`).
 
+Every method, dense included, runs in ``evaluate.dtype`` (``auto``: bfloat16 where the device has bf16 units, else
+``model.dtype``); the plans were profiled and validated in ``model.dtype``.
+
 Writes ``eval/results.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
 cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
 """
@@ -49,7 +52,10 @@ LENGTH_METRICS = ("ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_de
 def run_evaluate(ctx):
     """Accuracy, fidelity, perplexity and cost of dense, MoA and baseline plans at every length."""
     settings = ctx.settings.evaluate
-    loaded = ctx.load_model()
+    dtype = settings.compute_dtype(ctx.settings.model.dtype, ctx.settings.run.torch_device())
+    loaded = ctx.load_model(dtype)  # every method, dense included, runs in this dtype
+    print(f"evaluate: every method in {dtype}", flush=True)
+    ctx.log_params({"eval_dtype": dtype})
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
     plans = _budget_plans(ctx, info)  # refuses a wrong-model plan before any evaluation
     binary_at = binary_builder(ctx, info)
