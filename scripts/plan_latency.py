@@ -1,8 +1,8 @@
 """Whole-model latency of a run's selected plans against dense attention, measured side by side.
 
-For each length, one random prompt of ``N - new`` tokens is generated greedily (``--new`` tokens, no end token)
-with dense attention and with each budget's selected plan (``validate/selected_<budget>.json``) applied through
-the ``auto`` backend, in interleaved rounds (dense, then every plan, ``--rounds`` times after one untimed round).
+For each length, one random prompt of ``N - new`` tokens is generated greedily (``--new`` tokens, no end token),
+in the evaluation's dtype (``evaluate.dtype``), with dense attention and with each budget's selected plan
+(``validate/selected_<budget>.json``) applied through the ``auto`` backend, in interleaved rounds (dense, then every plan, ``--rounds`` times after one untimed round).
 Per plan and length it reports prefill and per-token decode time, and the speed-up over dense as the median of
 the per-round ratios (above 1: the plan is faster), so load that drifts between rounds hits both alike.
 
@@ -30,7 +30,7 @@ from pipeline.evaluation.generation import timed_greedy
 from pipeline.models import load_model
 from pipeline.plan import load_plan, plan_attention_density, plan_kv_density
 from pipeline.run import compose
-from pipeline.settings import budget_label, check_all
+from pipeline.settings import DTYPES, budget_label, check_all
 from pipeline.sparse_runtime import plan_applied_if
 from pipeline.tracking import Tracker, default_uri
 
@@ -81,6 +81,8 @@ def main() -> int:
         run_dir = Path(settings.run.run_dir)
         artifacts = RunArtifacts(run_dir)
         loaded = load_model(cfg.model, settings.run.torch_device())
+        dtype = settings.evaluate.compute_dtype(settings.model.dtype, settings.run.torch_device())
+        loaded.model.to(DTYPES[dtype])  # timed in the evaluation's dtype; the fingerprint is the loaded weights'
         too_long = [n for n in args.lengths if loaded.info.max_positions and n > loaded.info.max_positions]
         if too_long or min(args.lengths) <= args.new:
             raise UserError(f"--lengths: {(too_long or [min(args.lengths)])[0]} is outside ({args.new}, "
@@ -94,9 +96,10 @@ def main() -> int:
     except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"timing in {dtype} (evaluate.dtype={settings.evaluate.dtype})", flush=True)
     rows = []
     for n in tqdm(args.lengths, desc="lengths"):
-        rows += measure(loaded.model, plans, n, args.new, args.rounds, args.seed)
+        rows += [{**row, "dtype": dtype} for row in measure(loaded.model, plans, n, args.new, args.rounds, args.seed)]
         for row in rows[-len(plans) - 1:]:
             print(f"N={n} {row['method']}{'@' + row['budget'] if row['budget'] else ''}: prefill "
                   f"{row['prefill_ms']:.0f} ms ({row['prefill_speedup']:.2f}x dense), decode "
@@ -106,7 +109,7 @@ def main() -> int:
     io.write_csv(out, frame)
     tracker = Tracker(default_uri(run_dir), EXPERIMENT, run_dir)
     with tracker.run("plan_latency", tags={"threads": str(torch.get_num_threads())}) as run:
-        run.log_params({"lengths": list(args.lengths), "new_tokens": args.new, "rounds": args.rounds})
+        run.log_params({"lengths": list(args.lengths), "new_tokens": args.new, "rounds": args.rounds, "dtype": dtype})
         run.log_metrics({f"{metric}:{row.budget or 'dense'}:{row.seq_len}": getattr(row, metric)
                          for row in frame.itertuples() for metric in ("prefill_speedup", "decode_speedup",
                                                                        "prefill_ms", "decode_ms_per_token")})
