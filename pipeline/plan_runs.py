@@ -7,7 +7,8 @@ by its tags, so that later stages add their metrics to the same run:
 
 - tags ``method`` (dense, moa, binary, uniform), ``budget`` (a label such as ``0.5``; empty for dense),
   ``plan_key`` (the digest of the plan file, or ``<method>@<budget>``), ``plan_id`` (its file name),
-  ``selected`` (``true`` for the validated choice of its budget) and ``run_dir``;
+  ``selected`` (``true`` for the validated choice of its budget), ``run_dir``, and ``eval_dtype`` (the dtype
+  evaluate ran the model in);
 - metrics ``kv_density:N``, ``attention_density:N``, ``influence_loss:N`` (optimize), ``val_ppl`` (validate),
   ``accuracy:<task>:<N>`` and the other evaluation metrics (evaluate).
 """

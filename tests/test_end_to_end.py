@@ -277,6 +277,9 @@ def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric
         assert run["metrics.accuracy:passkey:768"] == pytest.approx(row["accuracy"])  # from evaluate
     dense = runs[runs["tags.method"] == "dense"].iloc[0]
     assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:768"] == 1.0
+    evaluated = runs[runs["metrics.accuracy:passkey:768"].notna()]  # every method x budget evaluate ran
+    assert len(evaluated) == len(set(zip(frame["method"], frame["budget"], strict=True)))
+    assert set(evaluated["tags.eval_dtype"]) == {"bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"}
 
 
 @pytest.mark.parametrize("name", ["accuracy_latency_front.ipynb", "compare_plans.ipynb"])
@@ -292,6 +295,9 @@ def test_evaluation_notebooks_execute_on_the_run(full_run, tmp_path, name):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})], "no figure"
+    if name == "accuracy_latency_front.ipynb":  # it says which precision the points were measured in
+        dtype = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+        assert f"the model ran in {dtype} (evaluate.dtype)" in "".join(o.get("text", "") for o in outputs)
 
 
 def test_plan_latency_script_times_every_selected_plan_beside_dense(full_run):

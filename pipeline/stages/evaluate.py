@@ -89,7 +89,7 @@ def run_evaluate(ctx):
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     io.write_csv(ctx.artifacts.eval_results, frame)
     ctx.log_artifact(ctx.artifacts.eval_results)
-    _log_methods(ctx, frame)
+    _log_methods(ctx, frame, dtype)
     print(_table(frame), flush=True)
     return {"rows": len(frame), "methods": sorted(set(zip(frame["method"], frame["budget"], strict=True)))}
 
@@ -122,14 +122,18 @@ def _methods(plans: dict[str, dict], info, length: int, binary_at) -> list[Metho
     return methods
 
 
-def _log_methods(ctx, frame: pd.DataFrame) -> None:
-    """One nested MLflow run per (method, budget), with every metric per task and length as ``<metric>:<task>:<N>``."""
+def _log_methods(ctx, frame: pd.DataFrame, dtype: str) -> None:
+    """One nested MLflow run per (method, budget), with every metric per task and length as ``<metric>:<task>:<N>``;
+    the plans experiment's run of each gets the metrics and the tag ``eval_dtype``."""
     for (method, budget), rows in frame.groupby(["method", "budget"], sort=False):
         name = method if not budget else f"{method}@{budget}"
-        with ctx.child_run(name, tags={"kind": "evaluation", "method": method, "budget": str(budget)}) as run:
+        tags = {"kind": "evaluation", "method": method, "budget": str(budget), "eval_dtype": dtype}
+        with ctx.child_run(name, tags=tags) as run:
             run.log_params({"method": method, "budget": budget, "plans": sorted(set(rows["plan_id"]))})
             run.log_metrics(_per_task(rows))
-        _plan_run(ctx, method, budget).log_metrics({**_per_task(rows, TASK_METRICS), **_per_length(rows)})
+        plan_run = _plan_run(ctx, method, budget)
+        plan_run.log_metrics({**_per_task(rows, TASK_METRICS), **_per_length(rows)})
+        plan_run.set_tags({"eval_dtype": dtype})
 
 
 def _per_task(rows: pd.DataFrame, metrics=METRICS) -> dict[str, float]:
