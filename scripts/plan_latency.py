@@ -2,7 +2,8 @@
 
 For each length, one random prompt of ``N - new`` tokens is generated greedily (``--new`` tokens, no end token),
 in the evaluation's dtype (``evaluate.dtype``), with dense attention and with each budget's selected plan
-(``validate/selected_<budget>.json``) applied through the ``auto`` backend, in interleaved rounds (dense, then every plan, ``--rounds`` times after one untimed round).
+(``validate/selected_<budget>.json``) applied through the ``auto`` backend, in interleaved rounds (dense, then
+every plan, ``--rounds`` times after one untimed round).
 Per plan and length it reports prefill and per-token decode time, and the speed-up over dense as the median of
 the per-round ratios (above 1: the plan is faster), so load that drifts between rounds hits both alike.
 
