@@ -100,12 +100,12 @@ def main() -> int:
     print(f"timing in {dtype} (evaluate.dtype={settings.evaluate.dtype})", flush=True)
     rows = []
     for n in tqdm(args.lengths, desc="lengths"):
-        rows += [{**row, "dtype": dtype} for row in measure(loaded.model, plans, n, args.new, args.rounds, args.seed)]
+        rows += measure(loaded.model, plans, n, args.new, args.rounds, args.seed)
         for row in rows[-len(plans) - 1:]:
             print(f"N={n} {row['method']}{'@' + row['budget'] if row['budget'] else ''}: prefill "
                   f"{row['prefill_ms']:.0f} ms ({row['prefill_speedup']:.2f}x dense), decode "
                   f"{row['decode_ms_per_token']:.1f} ms/token ({row['decode_speedup']:.2f}x)", flush=True)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).assign(dtype=dtype)
     out = run_dir / "latency" / "plan_latency.csv"
     io.write_csv(out, frame)
     tracker = Tracker(default_uri(run_dir), EXPERIMENT, run_dir)

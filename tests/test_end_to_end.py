@@ -30,6 +30,8 @@ LENGTHS = ("calibration.lengths=[768,1152,1536]", "profile.lengths=[768,1536]", 
            "evaluate.samples=1", "evaluate.max_new_tokens=4", "adapters.optuna.trials=2")
 STAGES = ("calibrate", "profile", "rules", "optimize", "validate", "evaluate", "benchmark", "adapters")
 VALIDATION_LENGTH = 1152
+EVAL_DTYPE = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+"""What evaluate.dtype=auto resolves to here, from the CPU's capability alone."""
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,9 @@ def test_evaluation_covers_every_method_budget_task_and_length(full_run):
         assert (rows["kl_dense"] >= 0).all()
     # Dense's KV bytes are its cache's: K and V for every layer and KV head, of the prompt and the fed response
     # tokens, in the dtype evaluate.dtype=auto resolves to on this machine (bfloat16 where the CPU has bf16 units).
-    dtype = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
     tiny = compose(["model=tiny"]).model
-    per_token = 2 * tiny.num_layers * tiny.num_kv_heads * (tiny.hidden_size // tiny.num_heads) * dtype.itemsize
+    itemsize = getattr(torch, EVAL_DTYPE).itemsize
+    per_token = 2 * tiny.num_layers * tiny.num_kv_heads * (tiny.hidden_size // tiny.num_heads) * itemsize
     for row in dense.itertuples():
         assert row.kv_bytes % per_token == 0 and row.seq_len - 64 <= row.kv_bytes // per_token <= row.seq_len
     # KV bytes are what the cache held: a plan's bytes against dense's follow its KV density.
@@ -279,7 +281,7 @@ def test_plans_experiment_has_one_top_level_run_per_plan_with_every_stage_metric
     assert dense["metrics.val_ppl"] > 0 and dense["metrics.kv_density:768"] == 1.0
     evaluated = runs[runs["metrics.accuracy:passkey:768"].notna()]  # every method x budget evaluate ran
     assert len(evaluated) == len(set(zip(frame["method"], frame["budget"], strict=True)))
-    assert set(evaluated["tags.eval_dtype"]) == {"bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"}
+    assert set(evaluated["tags.eval_dtype"]) == {EVAL_DTYPE}
 
 
 @pytest.mark.parametrize("name", ["accuracy_latency_front.ipynb", "compare_plans.ipynb"])
@@ -296,8 +298,7 @@ def test_evaluation_notebooks_execute_on_the_run(full_run, tmp_path, name):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})], "no figure"
     if name == "accuracy_latency_front.ipynb":  # it says which precision the points were measured in
-        dtype = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
-        assert f"the model ran in {dtype} (evaluate.dtype)" in "".join(o.get("text", "") for o in outputs)
+        assert f"the model ran in {EVAL_DTYPE} (evaluate.dtype)" in "".join(o.get("text", "") for o in outputs)
 
 
 def test_plan_latency_script_times_every_selected_plan_beside_dense(full_run):
@@ -317,7 +318,7 @@ def test_plan_latency_script_times_every_selected_plan_beside_dense(full_run):
         (b, n) for b in ("", "0.25", "0.5") for n in (256, 512)]
     dense = frame[frame["method"] == "dense"]
     assert (dense["prefill_speedup"] == 1).all() and (dense["decode_speedup"] == 1).all()
-    assert set(frame["dtype"]) == {"bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"}  # evaluate's
+    assert set(frame["dtype"]) == {EVAL_DTYPE}  # evaluate's
     for row in frame[frame["method"] == "moa"].itertuples():
         plan = load_plan(run_dir / "validate" / f"selected_{row.budget}.json")
         assert row.kv_density == pytest.approx(plan_kv_density(plan, row.seq_len))
