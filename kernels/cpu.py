@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.tensor_cache import cached
+
 FUSED_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
 """The private ATen forward and backward ops of PyTorch's fused CPU flash attention."""
 PORTABLE_BLOCK = 1 << 22
@@ -101,6 +103,12 @@ def _check_ops(fwd: Callable, bwd: Callable) -> str | None:
         grads = bwd(dout, q, k, v, out, lse_stored, 0.0, causal, attn_mask=attn_mask, scale=0.5)
         if not all(torch.allclose(g.double(), r, atol=1e-4) for g, r in zip(grads, grads_ref, strict=True)):
             return "the fused backward op's gradients do not match dense attention"
+    q4 = torch.randn(1, 4, 6, 8, generator=gen)  # query heads 0-1 read KV head 0, heads 2-3 KV head 1
+    out, _ = fwd(q4, k, v, 0.0, True, scale=0.5)
+    k4, v4 = (x.double().repeat_interleave(2, dim=1) for x in (k, v))
+    scores = (q4.double() @ k4.transpose(-1, -2) * 0.5).masked_fill(~causal_keep, float("-inf"))
+    if not torch.allclose(out.double(), torch.softmax(scores, dim=-1) @ v4, atol=1e-4):
+        return "the fused op does not share each KV head between consecutive query heads (GQA by head count)"
     return None
 
 
@@ -122,11 +130,17 @@ def _block_scores(query, key, r0: int, r1: int, is_causal: bool, attn_mask, scal
     return scores
 
 
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., Hkv, S, D) -> (..., heads, S, D), query head ``h`` reading KV head ``h // (heads // Hkv)`` as the fused
+    op does when given fewer KV heads than query heads."""
+    return x if x.shape[-3] == heads else x.repeat_interleave(heads // x.shape[-3], dim=-3)
+
+
 def portable_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     """The fused forward's contract in plain torch: ``(out (..., L, D) in query's dtype, lse (..., L))``.
 
-    query: (..., L, D); key, value: (..., S, D) with the same leading dims; attn_mask: additive, broadcastable to
-    (..., L, S). A row that keeps no key gets output 0 and log-sum-exp -inf.
+    query: (..., H, L, D); key, value: (..., Hkv, S, D) with the same leading dims, ``H`` a multiple of ``Hkv``;
+    attn_mask: additive, broadcastable to (..., H, L, S). A row that keeps no key gets output 0 and log-sum-exp -inf.
     """
     if dropout_p:
         raise ValueError("the portable flash path has no dropout")
@@ -134,6 +148,7 @@ def portable_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, *,
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     out = query.new_empty(query.shape)
     lse = torch.empty(query.shape[:-1], dtype=acc, device=query.device)
+    key, value = _repeat_kv(key, query.shape[-3]), _repeat_kv(value, query.shape[-3])
     values = value.to(acc)
     for r0, r1 in _row_blocks(query, key):
         scores = _block_scores(query, key, r0, r1, is_causal, attn_mask, scale, acc)  # (..., r, S)
@@ -165,10 +180,14 @@ def portable_flash_backward(grad_out, query, key, value, out, lse, dropout_p=0.0
         dk += torch.matmul(dscores.transpose(-1, -2), query[..., r0:r1, :].to(acc))
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
-# Rows per query chunk. Each row also computes chunk - 1 masked keys, but the flash kernel only uses 64-row query
-# blocks from 192 rows on (32 below). Measured (8 heads, D=64, N=8192, span N/4, shared 2-core CPU, medians of 5
-# interleaved runs): chunk 192: 398 ms, 256: 404, 384: 416, with dense causal SDPA at 548 ms.
-DEFAULT_CHUNK = 192
+# Query positions per chunk (each chunk holds this many rows of every query head of a KV head). Each row also
+# computes chunk - 1 masked keys, so short chunks waste less; long ones make fewer, larger kernel calls. Measured on
+# a 2-core CPU in bfloat16, the sum over the 30 layers of SmolLM2's selected 50% plan (9 query / 3 KV heads, D=64,
+# medians of 7): chunk 64 took 93, 262 and 740 ms at 496, 1008 and 2032 tokens, chunk 192 took 99, 286 and 857 ms,
+# dense causal attention 108, 302 and 1026 ms; chunk 32, 96, 128 and 256 were in between. On synthetic spans (the
+# same heads) at 4096 and 8192 tokens, in bfloat16 and float32, 64 was the fastest or within 3% of it, 192 up to
+# 20% slower.
+DEFAULT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -245,30 +264,37 @@ def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.unflatten(2, (g, x.shape[2] // g))
 
 
-@functools.lru_cache(maxsize=8)  # a few masks of up to (G*c) x (span + c) floats; rebuilding one is cheap
 def _window_mask(rows: int, span: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``(group * rows, span + rows - 1)`` of a chunk's band window.
+    """Additive mask ``(group * rows, span + rows - 1)`` of a chunk's band window, cached (a model's layers share
+    it).
 
     Row ``r`` of a chunk is query ``i0 + r``; window column ``w`` is key ``i0 - span + 1 + w``; the row keeps it
     iff ``r <= w <= r + span - 1``, the same for every chunk.
     """
-    r = torch.arange(rows).view(-1, 1)
-    w = torch.arange(span + rows - 1).view(1, -1)
-    keep = (w >= r) & (w <= r + span - 1)
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf")).repeat(group, 1)
+
+    def build():
+        r = torch.arange(rows).view(-1, 1)
+        w = torch.arange(span + rows - 1).view(1, -1)
+        keep = (w >= r) & (w <= r + span - 1)
+        return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf")).repeat(group, 1)
+
+    return cached(("band_window", rows, span, group, dtype), build)
 
 
-@functools.lru_cache(maxsize=8)
 def _sink_mask(t: int, c: int, first: int, n_sink: int, group: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive mask ``(T, 1, group * c, n_sink)`` of the sink keys for rows ``i = span + first + t*c + r``.
+    """Additive mask ``(T, 1, group * c, n_sink)`` of the sink keys for rows ``i = span + first + t*c + r``, cached.
 
     Row ``i`` keeps sink key ``j`` iff ``j <= i - span`` (nearer keys are in its band window), so only rows
     near the start are masked; None when none is.
     """
-    keep = torch.arange(n_sink).view(1, 1, 1, -1) <= first + torch.arange(t * c).view(t, 1, c, 1)
-    if keep.all():
-        return None
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf")).repeat(1, 1, group, 1)
+
+    def build():
+        keep = torch.arange(n_sink).view(1, 1, 1, -1) <= first + torch.arange(t * c).view(t, 1, c, 1)
+        if keep.all():
+            return None
+        return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf")).repeat(1, 1, group, 1)
+
+    return cached(("band_sink", t, c, first, n_sink, group, dtype), build)
 
 
 def _band_forward(q, k, v, span: int, sink: int, chunk: int, scale: float):
@@ -277,10 +303,11 @@ def _band_forward(q, k, v, span: int, sink: int, chunk: int, scale: float):
     out = q.new_empty(q.shape)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)  # what the flash kernel returns
     lse = torch.empty(b, n, h, g, dtype=lse_dtype).permute(0, 2, 3, 1)  # (B, Hkv, G, N)
-    prefix = min(span, n)  # rows i < span keep every key j <= i: plain causal attention
-    for j in range(g if prefix else 0):
-        o, l_ = _flash_fwd(q[:, :, j, :prefix], k[:, :, :prefix], v[:, :, :prefix], 0.0, True, scale=scale)
-        out[:, :, j, :prefix], lse[:, :, j, :prefix] = o, l_
+    prefix = min(span, n)  # rows i < span keep every key j <= i: plain causal attention, one call (GQA by count)
+    if prefix:
+        o, l_ = _flash_fwd(q[:, :, :, :prefix].reshape(b, h * g, prefix, d), k[:, :, :prefix], v[:, :, :prefix], 0.0,
+                           True, scale=scale)  # (B, Hkv * G, P, D), (B, Hkv * G, P)
+        out[:, :, :, :prefix], lse[:, :, :, :prefix] = o.unflatten(1, (h, g)), l_.unflatten(1, (h, g))
     c = min(chunk, max(span, 16))
     full = (n - prefix) // c
     if full:  # whole chunks, then the shorter last one: every window ends inside the sequence
@@ -371,36 +398,61 @@ def moa_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: 
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    group = hq // hkv
     scale = d**-0.5 if scale is None else float(scale)
-    span_list = [min(int(s), n) for s in spans.tolist()]
-    # Bucket (kv head, its query heads with one span) by (span, count): one batched call per bucket.
-    buckets: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+    buckets, inverse = _bucket_plan(tuple(min(int(s), n) for s in spans.tolist()), hkv)
+    outs = []
+    for bucket in buckets:
+        qs, ks, vs = bucket.take(q, k, v)
+        if bucket.span == 0 and sink == 0:
+            outs.append(qs * 0)  # no key kept: zeros, still connected to the graph (zero gradient)
+            continue
+        g = bucket.group
+        qs = qs.reshape(b, ks.shape[1], g, n, d)  # (B, Hkv', G', N, D)
+        out = _BandAttention.apply(qs, ks.contiguous(), vs.contiguous(), bucket.span, sink, chunk, scale)
+        outs.append(out.reshape(b, ks.shape[1] * g, n, d))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, Hq, N, D), heads in bucket order
+    return out if inverse is None else out[:, inverse]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """KV heads that run in one call: each with ``group`` of its query heads, all at one span."""
+
+    span: int
+    group: int
+    kv_heads: tuple[int, ...]
+    query_heads: tuple[int, ...]
+    contiguous: bool
+    """Whether the heads are one run of whole groups, so that slicing (no copy) selects them."""
+
+    def take(self, q, k, v):
+        """This bucket's ``(q, k, v)``: views where :attr:`contiguous`, else gathered copies."""
+        if self.contiguous:
+            k0, k1, q0, q1 = self.kv_heads[0], self.kv_heads[-1] + 1, self.query_heads[0], self.query_heads[-1] + 1
+            return q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+        return q[:, list(self.query_heads)], k[:, list(self.kv_heads)], v[:, list(self.kv_heads)]
+
+
+@functools.lru_cache(maxsize=4096)  # a plan has one span tuple per layer and length
+def _bucket_plan(span_list: tuple[int, ...], hkv: int) -> tuple[tuple[Bucket, ...], torch.Tensor | None]:
+    """The calls for one layer's spans: (KV head, its query heads with one span) bucketed by (span, count), and the
+    permutation that puts the buckets' output heads back in order (None when they already are)."""
+    group = len(span_list) // hkv
+    members: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
     for kv in range(hkv):
         heads = range(kv * group, (kv + 1) * group)
         for s in sorted({span_list[h] for h in heads}):
             same = [h for h in heads if span_list[h] == s]
-            buckets.setdefault((s, len(same)), []).append((kv, same))
-
-    outs, order = [], []
-    for (s, g), members in buckets.items():
-        kv_idx = [kv for kv, _ in members]
-        q_idx = [h for _, hs in members for h in hs]
-        order += q_idx
-        if s == 0 and sink == 0:
-            outs.append(q[:, q_idx] * 0)  # no key kept: zeros, still connected to the graph (zero gradient)
-            continue
-        if len(buckets) == 1:
-            qs, ks, vs = q, k, v  # every head in one bucket: no gather
-        else:
-            qs, ks, vs = q[:, q_idx], k[:, kv_idx], v[:, kv_idx]
-        qs = qs.reshape(b, len(kv_idx), g, n, d)  # (B, Hkv', G', N, D)
-        out = _BandAttention.apply(qs, ks.contiguous(), vs.contiguous(), s, sink, chunk, scale)
-        outs.append(out.reshape(b, len(kv_idx) * g, n, d))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # heads in bucket order
-    if order != list(range(hq)):
-        out = out[:, torch.tensor(order).argsort()]
-    return out
+            members.setdefault((s, len(same)), []).append((kv, same))
+    buckets = []
+    for (s, g), found in members.items():
+        kv_heads = tuple(kv for kv, _ in found)
+        query_heads = tuple(h for _, hs in found for h in hs)
+        contiguous = (g == group and kv_heads == tuple(range(kv_heads[0], kv_heads[-1] + 1)))
+        buckets.append(Bucket(s, g, kv_heads, query_heads, contiguous))
+    order = [h for bucket in buckets for h in bucket.query_heads]
+    inverse = None if order == list(range(len(span_list))) else torch.tensor(order).argsort()
+    return tuple(buckets), inverse
 
 
 def moa_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -26,11 +26,13 @@ the points go to ``${MOA_CACHE_DIR:-~/.cache/moa-autotune}/crossover.json`` (wri
 processes only read them. A corrupt or unreadable cache is measured again; delete the file to measure again on
 purpose (a measurement made while the machine was busy stays until then).
 
-**Choosing** (:meth:`Crossover.choose`): dense unless the sparse kernel won (``ratio >= WIN_MARGIN``) at every
-neighbouring point measured for the call's layout: the grid densities just above and below the call's density,
-each at the measured lengths just below and above ``N``. Below the first grid length, or above the densest grid
-density, dense is chosen without measuring; above the last measured length the last one stands; a point never
-measured (out of budget) counts as a loss.
+**Choosing** (:meth:`Crossover.choose`): dense unless the sparse kernel wins (``ratio >= WIN_MARGIN``) at both
+grid densities just above and below the call's density, for the call's layout. At each of them the ratio at ``N``
+is interpolated, linearly in ``log N``, between the measured lengths just below and above it (the search measures
+the midpoint where the result flips, so these are close): a prompt of 496 tokens is judged mostly by the 512-token
+point, not by the 384-token one. Below the first grid length, or above the densest grid density, dense is chosen
+without measuring; above the last measured length the last one stands; below the first measured length of a
+density, and where nothing was measured (out of budget), the sparse kernel loses.
 
 **Forcing.** ``MOA_CROSSOVER`` overrides the choice: ``sparse`` (always the sparse kernel), ``dense`` (always dense
 masked), ``off`` (no crossover: ``auto`` as before it existed, the sparse kernel, or ``reference`` where the
@@ -51,7 +53,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +61,16 @@ import torch
 import torch.nn.functional as F
 
 from kernels.pattern import kept_pairs
+from kernels.tensor_cache import cached
 
 ENV_MODE = "MOA_CROSSOVER"
 MODES = ("auto", "sparse", "dense", "off")
 CACHE_FILE = "crossover.json"
-CACHE_VERSION = 5
-"""Bumped when measuring or the grid changes; entries of another version are measured again (version 3: every
-length has a warm-up round, and a loss settles only after two rounds, like a win; 4: lengths from 256, density
-0.875; 5: dense masked runs one call per KV-head span with shared per-span masks)."""
+CACHE_VERSION = 6
+"""Bumped when measuring, the grid or either implementation changes; entries of another version are measured again
+(version 3: every length has a warm-up round, and a loss settles only after two rounds, like a win; 4: lengths
+from 256, density 0.875; 5: dense masked runs one call per KV-head span with shared per-span masks; 6: the sparse
+kernel keeps its masks across layers, slices instead of gathering heads, and runs the causal prefix in one call)."""
 GRID_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 """Lengths searched for each density's crossover (then the midpoint where it flips); dense below the first."""
 GRID_DENSITIES = (0.25, 0.5, 0.75, 0.875)
@@ -80,9 +83,6 @@ WIN_MARGIN = 1.05
 """The sparse kernel wins a point when its :attr:`Point.ratio` is at least this."""
 BUDGET_S = 15.0
 """No measurement starts that is predicted to take the sweep past this many seconds."""
-MASK_CACHE_BYTES = 1 << 30
-"""Masks kept for reuse, least recently used dropped first; a bigger mask is rebuilt on every call. At 4k tokens
-one ``(N, N)`` float32 mask is 64 MiB, and a plan's layers use about a dozen distinct spans."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,23 +143,6 @@ def _needs_mask(n: int, span: int, sink: int) -> bool:
     return span + sink < n
 
 
-_masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-
-def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The tensor under ``key`` in the LRU cache of at most :data:`MASK_CACHE_BYTES`, built on a miss."""
-    mask = _masks.get(key)
-    if mask is not None:
-        _masks.move_to_end(key)
-        return mask
-    mask = build()
-    if mask.numel() * mask.element_size() <= MASK_CACHE_BYTES:
-        _masks[key] = mask
-        while sum(m.numel() * m.element_size() for m in _masks.values()) > MASK_CACHE_BYTES:
-            _masks.popitem(last=False)
-    return mask
-
-
 def masks(kind: str, n: int, spans: tuple[int, ...], sink: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``(len(spans), n, n)`` masks, one per span, cached.
 
@@ -168,7 +151,7 @@ def masks(kind: str, n: int, spans: tuple[int, ...], sink: int, dtype: torch.dty
     device = torch.device(device)
 
     def build_far():
-        base = _cached(("base", n, sink, dtype, str(device)), lambda: _far_base(n, sink, dtype, device))
+        base = cached(("far_base", n, sink, dtype, str(device)), lambda: _far_base(n, sink, dtype, device))
         out = torch.empty(len(spans), n, n, dtype=dtype, device=device)
         first: dict[int, int] = {}
         for h, s in enumerate(spans):
@@ -185,7 +168,7 @@ def masks(kind: str, n: int, spans: tuple[int, ...], sink: int, dtype: torch.dty
         s = torch.tensor(spans, device=device).view(-1, 1, 1)
         return (j <= i) & ((j < sink) | (i - j < s))
 
-    return _cached((kind, n, spans, sink, dtype, str(device)), build_far if kind == "far" else build_keep)
+    return cached((kind, n, spans, sink, dtype, str(device)), build_far if kind == "far" else build_keep)
 
 
 def _far_base(n: int, sink: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -327,8 +310,8 @@ class Crossover:
             self.by_unit.setdefault(p.unit, []).append(p)
 
     def choose(self, n: int, density: float, layout: str = "mixed") -> str:
-        """``"sparse"`` if the sparse kernel won at every neighbouring point measured for ``layout``, else
-        ``"dense"``."""
+        """``"sparse"`` if the sparse kernel wins at ``n`` at both neighbouring densities measured for ``layout``,
+        else ``"dense"``."""
         targets = sorted(t for t, lay in self.by_unit if lay == layout)
         if not targets or density > targets[-1]:
             return "dense"
@@ -337,13 +320,17 @@ class Crossover:
         return "sparse" if all(self._wins(self.by_unit[t, layout], n) for t in neighbours) else "dense"
 
     def _wins(self, points: list[Point], n: int) -> bool:
-        """Whether the sparse kernel won at the measured lengths around ``n`` (the last one beyond them)."""
+        """Whether the sparse kernel wins at ``n`` by the ratio interpolated (in log length) between the measured
+        lengths around it; the last one stands beyond them, and below the first it loses."""
         lengths = [p.n for p in points]
         if n < lengths[0]:
             return False
         lo = bisect.bisect_right(lengths, n) - 1
-        near = points[lo:lo + 2] if lengths[lo] != n and lo + 1 < len(points) else points[lo:lo + 1]
-        return all(p.ratio >= self.margin for p in near)
+        if lengths[lo] == n or lo + 1 == len(points):
+            return points[lo].ratio >= self.margin
+        below, above = points[lo], points[lo + 1]
+        weight = math.log(n / below.n) / math.log(above.n / below.n)
+        return below.ratio + weight * (above.ratio - below.ratio) >= self.margin
 
     def to_json(self) -> list[dict]:
         return [p.__dict__ for p in self.points]

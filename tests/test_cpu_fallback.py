@@ -14,9 +14,12 @@ from kernels.cpu import moa_attention_cpu
 from kernels.reference import moa_attention_reference
 
 
+REAL_FUSED_OPS = cpu.fused_ops  # the fixture replaces cpu.fused_ops; the stand-ins below wrap the real ones
+
+
 def scrambled_lse_ops():
     """The real fused ops, but the forward's log-sum-exp comes back in another layout (same shape)."""
-    fwd, bwd = cpu.fused_ops()
+    fwd, bwd = REAL_FUSED_OPS()
 
     def forward(*args, **kwargs):
         out, lse = fwd(*args, **kwargs)
@@ -25,14 +28,26 @@ def scrambled_lse_ops():
     return forward, bwd
 
 
-@pytest.fixture(params=["missing-op", "lse-layout"])
+def tiled_kv_ops():
+    """The real fused ops, but given fewer KV heads the forward tiles them (query head h reads KV head h % Hkv)
+    instead of sharing each between consecutive query heads."""
+    fwd, bwd = REAL_FUSED_OPS()
+
+    def forward(q, k, v, *args, **kwargs):
+        repeat = q.shape[1] // k.shape[1]
+        return fwd(q, k.repeat(1, repeat, 1, 1), v.repeat(1, repeat, 1, 1), *args, **kwargs)
+
+    return forward, bwd
+
+
+@pytest.fixture(params=["missing-op", "lse-layout", "kv-tiled"])
 def broken_fused_ops(request, monkeypatch):
     """Make the fused ops fail the first-use check; the selection is redone and restored after the test."""
     monkeypatch.setattr(cpu, "_selected_ops", None)
     if request.param == "missing-op":
         monkeypatch.setattr(cpu, "FUSED_OPS", ("no_such_flash_op", "no_such_flash_op_backward"))
     else:
-        monkeypatch.setattr(cpu, "fused_ops", scrambled_lse_ops)
+        monkeypatch.setattr(cpu, "fused_ops", scrambled_lse_ops if request.param == "lse-layout" else tiled_kv_ops)
     return request.param
 
 
@@ -98,3 +113,4 @@ def test_check_accepts_this_torchs_fused_ops(monkeypatch, context):
             moa_attention_cpu(q, k, v, torch.tensor([5, 9]), 2)
     assert cpu._selected_ops == cpu.fused_ops()
     assert "log-sum-exp" in cpu._check_ops(*scrambled_lse_ops())
+    assert "GQA" in cpu._check_ops(*tiled_kv_ops())

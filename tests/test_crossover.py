@@ -156,7 +156,8 @@ def test_a_corrupt_cache_is_measured_again(content, tmp_path):
     (700, 0.25, "dense"),      # between a losing and a winning length: conservative
     (1024, 0.25, "sparse"),    # at it
     (1500, 0.25, "sparse"),    # between two winning lengths
-    (1500, 0.3, "dense"),      # 0.5 still loses at 1024
+    (1200, 0.3, "dense"),      # 0.5 loses at 1024 and wins at 2048: interpolated at 1200, 0.73
+    (1900, 0.3, "sparse"),     # interpolated at 1900, 1.39
     (3000, 0.4, "sparse"),     # both neighbouring densities win at both neighbouring lengths
     (1024, 0.1, "sparse"),     # sparser than the grid: the sparsest density decides
     (100_000, 0.5, "sparse"),  # beyond the last length: the last one stands
@@ -183,6 +184,15 @@ def test_each_layout_has_its_own_crossover():
     assert table.choose(2048, 0.5, "mixed") == "dense"
     assert Crossover(synthetic({0.5: 1024}, layouts=("uniform",))).choose(2048, 0.5, "mixed") == "dense"
     assert crossover.layout_of([7, 7, 7]) == "uniform" and crossover.layout_of([7, 7, 8]) == "mixed"
+
+
+@pytest.mark.parametrize("n,expected", [(384, "dense"), (400, "dense"), (480, "sparse"), (496, "sparse"),
+                                        (512, "sparse")])
+def test_a_length_between_two_measured_ones_is_judged_by_the_nearer(n, expected):
+    """A loss at 384 (0.98) and a win at 512 (1.20): the ratio, linear in log N, passes the margin 1.05 at about
+    421 tokens, so a 496-token prompt is not held back by the 384-token point."""
+    table = Crossover([Point(n_, 0.5, 0.5, r, 1.0, 1.0) for n_, r in ((384, 0.98), (512, 1.20))])
+    assert table.choose(n, 0.5) == expected
 
 
 def test_a_win_within_the_margin_is_not_a_win():
