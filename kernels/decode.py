@@ -91,17 +91,22 @@ def biased_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, v_packed: t
 
     q: (B, Hq, 1, D); k_packed, v_packed: (B, T, D); bias: (Hq, T) float32, 0 where a query head sees a slot and
     -inf elsewhere (:meth:`kernels.kv_cache.PerHeadLayer.decode_bias` keeps it up to date between steps). Three
-    calls in float32: scores with the mask added, softmax, weighted sum. Returns (B, Hq, 1, D) in q's dtype; a head
-    that sees no slot gets 0.
+    calls in float32 (scores with the mask added, softmax, weighted sum), rounded to q's dtype once. Returns
+    (B, Hq, 1, D) in q's dtype; a head that sees no slot gets 0.
+
+    A low-precision cache is cast to float32 for the step, which gives the fused flash op's precision (dense
+    attention's decode). Scores rounded to bfloat16 by a bf16 matmul, and probabilities rounded before the weighted
+    sum, put the output 5-15x further from the exact result at logits of about 20 (max error 0.019 against 0.0035
+    at 1500 slots). The casts make the call 35% slower at 1500 slots (0.077 against 0.057 ms per layer, on a 2-core
+    CPU) and 2.3x at 6000 (0.24 against 0.11 ms), a few percent of a whole decode step.
     """
     b, hq, _, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
-    if q.dtype == torch.float32 and k_packed.dtype == torch.float32:
-        scores = torch.baddbmm(bias, q.reshape(b, hq, d), k_packed.transpose(1, 2), alpha=scale)  # (B, Hq, T)
-    else:
-        scores = torch.bmm(q.reshape(b, hq, d) * scale, k_packed.transpose(1, 2)).float() + bias
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.baddbmm(bias.to(acc), q.reshape(b, hq, d).to(acc), k_packed.to(acc).transpose(1, 2),
+                           alpha=scale)  # (B, Hq, T)
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    return torch.bmm(probs.to(v_packed.dtype), v_packed).view(b, hq, 1, d).to(q.dtype)  # (B, Hq, 1, D)
+    return torch.bmm(probs, v_packed.to(acc)).view(b, hq, 1, d).to(q.dtype)  # (B, Hq, 1, D)
 
 
 def layer_decode_attention(q: torch.Tensor, layer, *, scale: float | None = None,
