@@ -13,7 +13,6 @@ import kernels.cpu as cpu
 from kernels.cpu import moa_attention_cpu
 from kernels.reference import moa_attention_reference
 
-
 REAL_FUSED_OPS = cpu.fused_ops  # the fixture replaces cpu.fused_ops; the stand-ins below wrap the real ones
 
 
