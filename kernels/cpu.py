@@ -300,23 +300,26 @@ def _sink_mask(t: int, c: int, first: int, n_sink: int, group: int, dtype: torch
 def _band_forward(q, k, v, span: int, sink: int, chunk: int, scale: float):
     """Output ``(B, Hkv, G, N, D)`` and log-sum-exp ``(B, Hkv, G, N)`` (in the flash kernel's storage order).
 
-    Low-precision inputs are computed in float32 and rounded to their dtype once, at the end; the band and sink
-    parts are merged before rounding. Given bfloat16 inputs, the fused CPU op rounds its probabilities to bfloat16
-    before multiplying by V, which puts about a third of the outputs several units in the last place off the exact
-    result; in float32 it measured as fast on a 2-core CPU (the 30 layers of a 50% plan: 70 against 71 ms at 496
-    tokens, 2565 against 2630 ms at 4080), so this costs the casts of q, k and v only. On a 50% plan's 30 items at
-    512 tokens in bfloat16 the model answered 29 against 28 of them.
+    Precision. The rows inside the span are plain causal attention, run in the inputs' dtype by the op dense
+    attention runs: they equal dense attention's output bit for bit (a head the plan keeps whole computes exactly
+    what dense computes). The other rows merge a band part and a sink part; with low-precision inputs they are
+    computed in float32 and rounded once, after the merge. (Given bfloat16 inputs the fused op rounds its
+    probabilities before multiplying by V, and rounding each part before merging adds to that: about 40% of those
+    rows' outputs came out up to 12 units in the last place off, against 0.005% one unit off in float32. The op ran
+    as fast in float32 on a 2-core CPU.)
     """
     b, h, g, n, d = q.shape
     out = q.new_empty(q.shape)
     work = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = (x.to(work) for x in (q, k, v))  # no copy when already float32
     lse = torch.empty(b, n, h, g, dtype=work).permute(0, 2, 3, 1)  # (B, Hkv, G, N)
     prefix = min(span, n)  # rows i < span keep every key j <= i: plain causal attention, one call (GQA by count)
     if prefix:
         o, l_ = _flash_fwd(q[:, :, :, :prefix].reshape(b, h * g, prefix, d), k[:, :, :prefix], v[:, :, :prefix], 0.0,
                            True, scale=scale)  # (B, Hkv * G, P, D), (B, Hkv * G, P)
         out[:, :, :, :prefix], lse[:, :, :, :prefix] = o.unflatten(1, (h, g)), l_.unflatten(1, (h, g))
+    if prefix == n:
+        return out, lse
+    q, k, v = (x.to(work) for x in (q, k, v))  # no copy when already float32
     c = min(chunk, max(span, 16))
     full = (n - prefix) // c
     if full:  # whole chunks, then the shorter last one: every window ends inside the sequence
