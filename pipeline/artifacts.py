@@ -57,6 +57,11 @@ class RunArtifacts:
         return self.run_dir / "profile" / f"long_range_{n}.png"
 
     @property
+    def head_gates(self) -> Path:
+        """The trained head gates (``stage=profile``, :mod:`pipeline.profile.gates`)."""
+        return self.run_dir / "profile" / "gates.json"
+
+    @property
     def profile_summary(self) -> Path:
         return self.run_dir / "profile" / "summary.json"
 
@@ -173,6 +178,13 @@ class RunArtifacts:
             raise ArtifactError(f"{path} has shape {tuple(influence.shape)}, expected [L, H, {nb}, {nb}] for N={n}, "
                                 f"block {block_size}: re-run stage=profile")
         return influence, meta
+
+    def load_head_gates(self):
+        """The head gates ``(L, Hkv)`` as a numpy array, or None when the profile trained none."""
+        import numpy as np
+
+        path = self.head_gates
+        return np.array(json.loads(path.read_text())["gates"], dtype=np.float64) if path.is_file() else None
 
     def load_loss_table(self) -> dict:
         """The loss table as arrays: ``loss``, ``kv_density``, ``attention_density`` ``(L, H, R, T)``, rule

@@ -349,6 +349,13 @@ class ProfileSettings:
     """Under torchrun: how long a collective waits for the other ranks before the job fails."""
     answer_weight: float
     """Weight of the mean NLL of the answer tokens added to the response mean (``pipeline.profile.loss``)."""
+    gate_steps: int
+    """Distillation steps of the head gates (``pipeline.profile.gates``); 0 trains none."""
+    gate_length: int
+    """The calibration length whose samples train the gates."""
+    gate_lr: float
+    gate_l1: float
+    """Weight of the mean gate in the gates' training loss."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ProfileSettings:
@@ -370,6 +377,10 @@ class ProfileSettings:
             collective_timeout_s=_number("profile.collective_timeout_s", read("collective_timeout_s"),
                                          lambda x: x > 0, "a number of seconds > 0"),
             answer_weight=_number("profile.answer_weight", read("answer_weight"), lambda x: x >= 0, "a number >= 0"),
+            gate_steps=_int("profile.gate_steps", read("gate_steps"), 0),
+            gate_length=_gate_length(read("gate_length"), lengths),
+            gate_lr=_number("profile.gate_lr", read("gate_lr"), lambda x: x > 0, "a number > 0"),
+            gate_l1=_number("profile.gate_l1", read("gate_l1"), lambda x: x >= 0, "a number >= 0"),
         )
 
     @property
@@ -431,6 +442,15 @@ class RulesSettings:
             raise UserError(" ".join(str(err).split())) from None  # YAML errors span lines
 
 
+def _gate_length(value: Any, lengths: tuple[int, ...]) -> int:
+    """``profile.gate_length``: one of the profile lengths; null: the middle one (the shorter of two)."""
+    if value is None:
+        return sorted(lengths)[(len(lengths) - 1) // 2]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in lengths:
+        raise _bad("profile.gate_length", value, f"null or one of the profile lengths {list(lengths)}")
+    return value
+
+
 @dataclass(frozen=True)
 class OptimizeSettings:
     """``optimize.*``: the plan MILP and its Pareto front."""
@@ -445,6 +465,8 @@ class OptimizeSettings:
     gap_rel: float
     binary_window: int | None
     """The binary baseline's streaming window (tokens after the sink); None picks one per budget."""
+    gate_weight: float
+    """Weight of the head gates' term in the plan cost (:func:`pipeline.optimize.gate_cost.planning_loss`)."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
@@ -460,6 +482,7 @@ class OptimizeSettings:
                                  "null or a number of seconds > 0"),
             gap_rel=_number("optimize.gap_rel", read("gap_rel"), lambda x: 0 <= x < 1, "a number in [0, 1)"),
             binary_window=_optional(_int, "optimize.binary_window", read("binary_window"), 1),
+            gate_weight=_number("optimize.gate_weight", read("gate_weight"), lambda x: x >= 0, "a number >= 0"),
         )
 
 

@@ -330,3 +330,29 @@ def test_plan_latency_script_times_every_selected_plan_beside_dense(full_run):
     bad = subprocess.run([*script, "--lengths", "99999", *overrides], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --lengths: 99999")
+
+
+def test_gate_script_scores_the_gate_split_beside_the_plan(full_run):
+    """The profile's head gates are in the run ([L, Hkv] in [0, 1]); scripts/gate_heads.py trains its own, builds
+    the full-or-streaming split within the selected plan's KV density and scores every method on the items."""
+    import subprocess
+    import sys
+
+    run_dir, _ = full_run
+    profiled = json.loads((run_dir / "profile" / "gates.json").read_text())
+    gates = torch.tensor(profiled["gates"])
+    assert gates.shape == (2, 2) and gates.min() >= 0 and gates.max() <= 1
+    assert profiled["settings"]["length"] == 768  # the middle profile length, the shorter of two
+    script = [sys.executable, str(REPO / "scripts" / "gate_heads.py"), "--train-length", "768", "--train-samples",
+              "2", "--steps", "2", "--lengths", "768", "--items", "1", "--", "model=tiny", f"run_dir={run_dir}",
+              *LENGTHS]
+    done = subprocess.run(script, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    frame = pd.read_csv(run_dir / "gates" / "gate_eval.csv")
+    assert list(frame["method"]) == ["dense", "moa", "binary", "gates"]
+    moa = load_plan(run_dir / "validate" / "selected_0.5.json")
+    split = load_plan(run_dir / "gates" / "gate_plan_0.5_768.json")
+    assert plan_kv_density(split, 768) <= plan_kv_density(moa, 768) + 1e-9
+    rules = {(a, b) for row_a, row_b in zip(split.alphas, split.betas, strict=True)
+             for a, b in zip(row_a, row_b, strict=True)}
+    assert rules <= {(0.0, 1.0), (float(split.solver["streaming_window"]), 0.0)}

@@ -18,6 +18,7 @@ from pipeline.io import write_json
 from pipeline.optimize.baselines import binary_plan_at, binary_plan_choice
 from pipeline.optimize.figures import front_figure
 from pipeline.optimize.front import solve_front
+from pipeline.optimize.gate_cost import planning_loss
 from pipeline.plan import Plan, describe_model, package_version, save_plan, validate_plan
 from pipeline.settings import budget_label
 from pipeline.stages.registry import stage
@@ -28,21 +29,38 @@ def budget_group_size(granularity: str, info: dict) -> int:
     return info["num_heads"] // info["num_kv_heads"] if granularity == "head" else 1
 
 
+def planning_table(ctx) -> dict:
+    """The loss table with ``loss`` the MILP's cost (:func:`pipeline.optimize.gate_cost.planning_loss`: the gates'
+    term added when ``optimize.gate_weight > 0``) and ``influence`` the table's own influence loss."""
+    table = ctx.artifacts.load_loss_table()
+    weight = ctx.settings.optimize.gate_weight
+    gates = ctx.artifacts.load_head_gates() if weight else None
+    if weight and gates is None:
+        raise UserError(f"optimize.gate_weight={weight:g} needs the head gates of stage=profile "
+                        f"({ctx.artifacts.head_gates} is missing): run stage=profile with profile.gate_steps > 0, "
+                        f"or set optimize.gate_weight=0")
+    try:
+        loss = planning_loss(table["loss"], table["kv_density"], gates, weight)
+    except ValueError as err:
+        raise UserError(f"{ctx.artifacts.head_gates}: {err}; re-run stage=profile") from None
+    return {**table, "influence": table["loss"], "loss": loss}
+
+
 def binary_builder(ctx, info):
     """``(template, length, kv_density) -> Plan``: the binary baseline solved again at one length
     (:func:`pipeline.optimize.baselines.binary_plan_at`), with this run's loss table and solver settings."""
     opt = ctx.settings.optimize
-    return partial(binary_plan_at, ctx.artifacts.load_loss_table(), solver=opt.solver, time_limit=opt.time_limit,
+    return partial(binary_plan_at, planning_table(ctx), solver=opt.solver, time_limit=opt.time_limit,
                    gap_rel=opt.gap_rel,
                    group_size=budget_group_size(ctx.settings.sparse.granularity, describe_model(info)))
 
 
-@stage("optimize", requires=("rules",), config_keys=("sparse", "rules", "optimize"),
+@stage("optimize", requires=("rules", "profile"), config_keys=("sparse", "rules", "optimize"),
        outputs=("optimize/", "plans/"))
 def run_optimize(ctx):
     """Solve the plan MILP's Pareto front over profile lengths for every budget; write one plan file per point."""
     opt = ctx.settings.optimize
-    table = ctx.artifacts.load_loss_table()
+    table = planning_table(ctx)
     lengths = table["lengths"]
     if list(opt.budgets[0]) != lengths:
         raise UserError(f"{ctx.artifacts.loss_table} covers lengths {lengths}, not the profile lengths "
@@ -130,6 +148,7 @@ def _plan(ctx, candidate, table, budget, info, *, rules=None, name: str | None =
     layers, heads = choice.shape
     li, hi = np.arange(layers)[:, None], np.arange(heads)[None, :]
     attention = table["attention_density"][li, hi, choice].mean((0, 1))  # (T,)
+    influence = table["influence"][li, hi, choice].sum((0, 1))  # (T,) without the gates' term
     lengths = table["lengths"]
     sparse = ctx.settings.sparse
     solver = {"name": name or candidate.solver, "status": candidate.status,
@@ -142,7 +161,7 @@ def _plan(ctx, candidate, table, budget, info, *, rules=None, name: str | None =
         alphas=table["alphas"][choice].tolist(), betas=table["betas"][choice].tolist(),
         model=info, profile_lengths=lengths, density_budget=dict(budget),
         expected={n: {"kv_density": float(candidate.densities[t]), "attention_density": float(attention[t]),
-                      "influence_loss": float(candidate.objectives[t])} for t, n in enumerate(lengths)},
+                      "influence_loss": float(influence[t])} for t, n in enumerate(lengths)},
         solver=solver,
         created_with={"config_hash": ctx.config_hash, "version": package_version()},
     )

@@ -9,6 +9,10 @@ length whose influence file exists for the same model fingerprint, block size, g
 file (SHA-256) is skipped. Samples longer than the model's positions, or whose loss mask selects no token, are
 skipped with a warning and counted (metric ``skipped_samples``).
 
+With ``profile.gate_steps > 0`` it then trains the head gates on the calibration samples at
+``profile.gate_length`` (:func:`profile_gates`, :mod:`pipeline.profile.gates`) into ``profile/gates.json``, on
+rank 0 only.
+
 Under ``torchrun --nproc_per_node=K`` rank ``r`` profiles the samples ``s`` with ``s % K == r`` and keeps its own
 partial file (``partial_<N>.rank<r>of<K>.safetensors``, so runs with another world size never mix). After a
 length's local loop the float64 sums and the counts are summed over the ranks (seconds and memory: the maximum
@@ -24,14 +28,16 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import distributed
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, save_tensors, write_json
+from pipeline.io import atomic_path, read_json, save_tensors, write_json
 from pipeline.profile.figures import long_range_heatmap
+from pipeline.profile.gates import train_gates
 from pipeline.profile.influence import attention_influences
 from pipeline.profile.loss import loss_targets
 from pipeline.profile.stats import layer_summaries, long_range_fraction
@@ -53,17 +59,59 @@ def run_profile(ctx):
     ctx.log_params({"block_size": settings.block_size, "granularity": settings.granularity,
                     "profile_lengths": list(settings.lengths), "profile_dtype": settings.dtype})
     if ctx.force and distributed.is_primary():
-        for path in ctx.stage_dir.glob("influence_*.safetensors"):
-            path.unlink()
+        for path in [*ctx.stage_dir.glob("influence_*.safetensors"), ctx.artifacts.head_gates]:
+            path.unlink(missing_ok=True)
     results = {str(n): profile_length(ctx, loaded, n, settings) for n in settings.lengths}
     if not distributed.is_primary():
         return {}
+    gates = profile_gates(ctx, loaded, settings)
     skipped = sum(r["skipped_samples"] for r in results.values())
     ctx.log_metrics({"skipped_samples": skipped})
     summary = {"model": loaded.info.name, "fingerprint": loaded.info.fingerprint, "block_size": settings.block_size,
                "granularity": settings.granularity, "lengths": results}
+    if gates is not None:
+        summary["gates"] = {"length": settings.gate_length, "mean": float(gates.mean()),
+                            "at_least_half": int((gates >= 0.5).sum())}
     write_json(ctx.artifacts.profile_summary, summary)
     return {"lengths": list(settings.lengths), "skipped_samples": skipped}
+
+
+def profile_gates(ctx, loaded, settings: ProfileSettings) -> np.ndarray | None:
+    """Train the head gates (:mod:`pipeline.profile.gates`) on the calibration samples at ``profile.gate_length``
+    and write ``profile/gates.json``; reuse that file when it was trained with the same settings on the same
+    samples. The streaming side keeps the sink and ``sparse.min_span`` tokens: a head's narrowest rule. Returns
+    the gates ``[L, Hkv]``, or None (and no file) when ``profile.gate_steps`` is 0."""
+    path = ctx.artifacts.head_gates
+    if settings.gate_steps == 0:
+        path.unlink(missing_ok=True)
+        return None
+    n, sparse = settings.gate_length, ctx.settings.sparse
+    key = {"fingerprint": str(loaded.info.fingerprint), "length": n, "steps": settings.gate_steps,
+           "lr": settings.gate_lr, "l1": settings.gate_l1, "sink": sparse.sink, "window": sparse.min_span,
+           "calibration_sha256": hashlib.sha256(ctx.artifacts.calibration(n).read_bytes()).hexdigest()}
+    stored = read_json(path) if path.is_file() else None
+    if stored is not None and stored.get("settings") == key:
+        log.info("profile: %s is up to date, skipping the head gates", path)
+        gates = np.array(stored["gates"])
+    else:
+        samples = ctx.artifacts.load_calibration(n)
+        device = next(loaded.model.parameters()).device
+        pairs = []
+        for s in range(samples["input_ids"].shape[0]):
+            real = int(samples["lengths"][s])
+            targets = loss_targets(samples["loss_mask"][s, :real])  # (T,) response tokens
+            if targets.numel():
+                pairs.append((samples["input_ids"][s, :real].to(device), (targets - 1).to(device)))
+        if not pairs:
+            raise UserError(f"no calibration sample at length {n} has response tokens to train the head gates on")
+        began = time.perf_counter()
+        gates = train_gates(loaded.model, pairs, sink=sparse.sink, window=sparse.min_span,
+                            steps=settings.gate_steps, lr=settings.gate_lr, l1=settings.gate_l1,
+                            progress=ctx.progress)
+        write_json(path, {"settings": key, "gates": gates.round(6).tolist(),
+                          "seconds": round(time.perf_counter() - began, 3)})
+    ctx.log_metrics({"gate_mean": float(gates.mean()), "gates_at_least_half": int((gates >= 0.5).sum())})
+    return gates
 
 
 def profile_length(ctx, loaded, n: int, settings: ProfileSettings) -> dict | None:
