@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,18 +29,16 @@ import torch
 from tqdm import tqdm
 
 from pipeline import io
-from pipeline.artifacts import RunArtifacts
 from pipeline.calibration.builder import build_samples, chat_ids, end_token_ids
 from pipeline.errors import UserError
 from pipeline.evaluation.generation import timed_greedy
 from pipeline.evaluation.harness import eval_items
 from pipeline.evaluation.response_loss import loss_targets
 from pipeline.evaluation.scoring import is_correct
-from pipeline.models import load_model
 from pipeline.plan import Plan, load_plan, plan_kv_density, save_plan
 from pipeline.profile.gates import gate_plan, train_gates
-from pipeline.run import compose
-from pipeline.settings import DTYPES, check_all
+from pipeline.script_run import add_overrides, open_run
+from pipeline.settings import DTYPES
 from pipeline.sparse_runtime import plan_applied_if
 from pipeline.stages.optimize import binary_builder
 
@@ -89,14 +86,11 @@ def main() -> int:
     parser.add_argument("--profile-gates", action="store_true",
                         help="use the gates stage=profile trained (profile/gates.json) instead of training new ones")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to score")
-    parser.add_argument("overrides", nargs="*", help="pipeline config overrides (after --), e.g. run_dir=...")
+    add_overrides(parser)
     args = parser.parse_args()
     try:
-        cfg = compose(list(args.overrides))
-        settings = check_all(cfg)
-        run_dir = Path(settings.run.run_dir)
-        artifacts = RunArtifacts(run_dir)
-        loaded = load_model(cfg.model, settings.run.torch_device())
+        run = open_run(args.overrides)
+        settings, run_dir, artifacts, loaded = run.settings, run.run_dir, run.artifacts, run.loaded
         budget = args.budget
         selected = artifacts.selected_plan_at(budget)
         if not selected.is_file():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -25,13 +24,11 @@ from tqdm import tqdm
 
 from kernels.bench import median_ratio
 from pipeline import io
-from pipeline.artifacts import RunArtifacts
 from pipeline.errors import UserError
 from pipeline.evaluation.generation import timed_greedy
-from pipeline.models import load_model
 from pipeline.plan import load_plan, plan_attention_density, plan_kv_density
-from pipeline.run import compose
-from pipeline.settings import DTYPES, budget_label, check_all
+from pipeline.script_run import add_overrides, open_run
+from pipeline.settings import DTYPES, budget_label
 from pipeline.sparse_runtime import plan_applied_if
 from pipeline.tracking import Tracker, default_uri
 
@@ -74,14 +71,11 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt (decode steps + 1)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one untimed round")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="pipeline config overrides (after --), e.g. run_dir=...")
+    add_overrides(parser)
     args = parser.parse_args()
     try:
-        cfg = compose(list(args.overrides))
-        settings = check_all(cfg)
-        run_dir = Path(settings.run.run_dir)
-        artifacts = RunArtifacts(run_dir)
-        loaded = load_model(cfg.model, settings.run.torch_device())
+        run = open_run(args.overrides)
+        settings, run_dir, artifacts, loaded = run.settings, run.run_dir, run.artifacts, run.loaded
         dtype = settings.evaluate.compute_dtype(settings.model.dtype, settings.run.torch_device())
         loaded.model.to(DTYPES[dtype])  # timed in the evaluation's dtype; the fingerprint is the loaded weights'
         too_long = [n for n in args.lengths if loaded.info.max_positions and n > loaded.info.max_positions]
