@@ -45,7 +45,8 @@ def fake_profile(run_dir, lengths=LENGTHS, seed=0) -> dict[str, dict[int, torch.
 
 
 def overrides(lengths=LENGTHS):
-    return [f"calibration.lengths=[{','.join(map(str, lengths))}]"]
+    # the fake profile has no head gates: plan on influence alone (the gates' cost is tested in test_gate_cost.py)
+    return [f"calibration.lengths=[{','.join(map(str, lengths))}]", "optimize.gate_weight=0"]
 
 
 @pytest.mark.parametrize("kind", ["abs", "net"])
@@ -125,6 +126,8 @@ def test_optimize_errors_name_the_length_and_the_stage_to_run(tmp_path, capsys):
     fake_profile(tmp_path)
     base = ["model=tiny", f"run_dir={tmp_path}", *overrides()]
     assert main([*base, "stage=rules"]) == 0
+    assert main([*base[:-1], "stage=optimize"]) == 2  # the default gate weight without profile/gates.json
+    assert "optimize.gate_weight=0.1 needs the head gates of stage=profile" in capsys.readouterr().err
     (tmp_path / "rules" / "loss_table.parquet").unlink()
     (tmp_path / "rules" / ".done.json").write_text(json.dumps({"config_hash": "stale"}))
     assert main([*base, "stage=optimize"]) == 2
