@@ -9,7 +9,7 @@ layout (see ``docs/artifacts.md``)::
     plans/plan_<i>.json, binary_<budget>.json        optimize/front.json
     validate/heldout_<N>.safetensors, results.csv, selected_<budget>.json
     plan.json                             (the selected plan)
-    eval/results.csv
+    eval/results.csv, answers.csv
     bench/kernels.csv
     adapters/results.csv, adapters/<name>/     optuna.db
     <stage>/.done.json                    (completion markers, see pipeline.runner)
@@ -110,6 +110,10 @@ class RunArtifacts:
     @property
     def eval_results(self) -> Path:
         return self.run_dir / "eval" / "results.csv"
+
+    @property
+    def eval_answers(self) -> Path:
+        return self.run_dir / "eval" / "answers.csv"
 
     @property
     def bench_csv(self) -> Path:

@@ -163,6 +163,30 @@ def test_validation_selects_per_budget_from_a_shortlist_by_perplexity_within_a_t
     assert load_plan(run_dir / "plan.json").to_dict() == first.to_dict()
 
 
+def test_answers_list_every_item_and_account_for_accuracy_and_agreement(full_run):
+    """eval/answers.csv: one row per method, budget, task, length and item; its correctness and agreement,
+    recomputed here from the texts, add up to results.csv's accuracy and agree_dense."""
+    from pipeline.evaluation.scoring import is_correct, stated_answer
+
+    run_dir, _ = full_run
+    results = pd.read_csv(run_dir / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
+    answers = pd.read_csv(run_dir / "eval" / "answers.csv", dtype={"budget": str, "answer": str}, keep_default_na=False)
+    keys = ["method", "budget", "task", "seq_len"]
+    assert len(answers) == int(results["n"].sum())
+    for row in answers.itertuples():
+        assert str(row.correct) == str(is_correct(row.response, row.answer))
+        assert str(row.agrees_dense) == str(stated_answer(row.response) == stated_answer(row.dense_response))
+    dense = answers[answers["method"] == "dense"].set_index(["task", "seq_len", "item"])["response"]
+    for row in answers.itertuples():
+        assert row.dense_response == dense.loc[(row.task, row.seq_len, row.item)]
+    answers["correct"] = answers["correct"].astype(str) == "True"
+    answers["agrees_dense"] = answers["agrees_dense"].astype(str) == "True"
+    totals = answers.groupby(keys)[["correct", "agrees_dense"]].mean()
+    for row in results.itertuples():
+        total = totals.loc[(row.method, row.budget, row.task, row.seq_len)]
+        assert (total["correct"], total["agrees_dense"]) == pytest.approx((row.accuracy, row.agree_dense))
+
+
 def _most_full_heads(plan, window: int, n: int, kv_density: float) -> tuple[int, float]:
     """The binary baseline at ``n`` within ``kv_density``: full attention loses nothing, so the least-loss split
     makes as many heads full as fit. Returns that count and the KV density it gives (``plan``'s heads, sink and

@@ -290,10 +290,16 @@ def test_kl_refuses_mismatched_shapes_and_empty_masks():
         kl_from_dense(logits, logits, torch.zeros(4))
 
 
-def test_agreement_on_normalised_strings_and_on_token_ids():
-    dense = ["The pass key is 68342.", "The answer is 4516.", "NEFU = TIVO"]
-    sparse = ["the pass key is 6 8 3 4 2", "The answer is 4517.", "NEFU = TIVO."]
-    assert agreement(dense, sparse) == pytest.approx(2 / 3)
+def test_agreement_on_stated_answers_and_on_token_ids():
+    dense = ["The pass key is 68342.", "The answer is 4516.", "NEFU = TIVO", "The answer is 81350.",
+             "The catalogue number of the passage titled Cosami is 4344.", "The pass key is a small wooden key.",
+             "It is 12 or 13."]
+    sparse = ["the pass key is 6 8 3 4 2", "The answer is 4517.", "NEFU = TIVO.",
+              "The number that is NEBA equal to is 81,350.", "The catalogue number of the passage titled Cosami is 43.",
+              "The pass key is a pass key.", "It is 13 or 12."]
+    # same: digits spelt out; the same words without numbers; one number in other words
+    assert agreement(dense, sparse) == pytest.approx(3 / 7)
+    assert [agreement([d], [s]) for d, s in zip(dense, sparse, strict=True)] == [1, 0, 1, 1, 0, 0, 0]
     assert agreement([[1, 2, 3], [4, 5]], [torch.tensor([1, 2, 3]), [4, 6]]) == 0.5
     with pytest.raises(ValueError):
         agreement(dense, sparse[:2])

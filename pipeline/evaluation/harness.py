@@ -128,6 +128,22 @@ def result_rows(model, tokenizer, method: Method, length: int, items: dict[str, 
     return rows
 
 
+def answer_rows(tokenizer, method: Method, length: int, items: dict[str, list],
+                generations: dict[str, list[Generation]], dense: dict[str, list[Generation]]) -> list[dict]:
+    """One row per item (the ``eval/answers.csv`` columns): the gold answer, the method's response and dense's,
+    whether the response is correct, and whether it equals dense's (what ``accuracy`` and ``agree_dense`` count)."""
+    rows = []
+    for task, task_items in items.items():
+        for index, (item, gen, ref) in enumerate(zip(task_items, generations[task], dense[task], strict=True)):
+            text = tokenizer.decode(gen.response_ids, skip_special_tokens=True)
+            dense_text = tokenizer.decode(ref.response_ids, skip_special_tokens=True)
+            rows.append({"method": method.name, "budget": method.budget, "plan_id": method.plan_id, "task": task,
+                         "seq_len": length, "item": index, "answer": item.answer, "response": text,
+                         "correct": is_correct(text, item.answer), "dense_response": dense_text,
+                         "agrees_dense": agreement([dense_text], [text]) == 1.0})
+    return rows
+
+
 def _mean_kl(model, method: Method, gens: list[Generation], refs: list[Generation], *, backend: str) -> float:
     """Mean over samples of the mean KL(dense || method) on dense's response tokens, from the teacher-forced logits
     generated with the response (one forward pass for a generation made without them)."""

@@ -4,6 +4,7 @@
   and often spell numbers digit by digit ("The pass key is 6 8 3 4 2."), so responses are normalised first.
 - ``wilson_interval``: the Wilson score interval of an accuracy (scipy's ``binomtest``).
 - ``kl_from_dense``: mean KL(dense || sparse) of the next-token distributions over the scored positions.
+- ``stated_answer``: what a response answers: the numbers it states, in order, or its normalised text if none.
 - ``agreement``: share of items on which the sparse model's greedy answer equals the dense one.
 """
 
@@ -36,6 +37,15 @@ def normalize_answer(text: str) -> str:
     text = _collapse_digits(text).lower()
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # periods, except a decimal point
     return " ".join(re.sub(r"[^\w.]+", " ", text).split())
+
+
+def stated_answer(text: str) -> tuple[str, ...] | str:
+    """What ``text`` answers, for comparing two responses to the same question: the numbers it states, in order,
+    after digit spellings and thousands separators are collapsed; its :func:`normalize_answer` text if it states
+    none. Every evaluation question asks for a number, so ``"The answer is 81350."`` and ``"The number NEBA equals
+    81350."`` give the same answer, and ``"... is 43."`` and ``"... is 4344."`` do not."""
+    numbers = _NUMBER.findall(_collapse_digits(text))
+    return tuple(numbers) if numbers else normalize_answer(text)
 
 
 def is_correct(response_text: str, answer: str) -> bool:
@@ -87,8 +97,8 @@ def kl_from_dense(dense_logits: torch.Tensor, sparse_logits: torch.Tensor, mask:
 def agreement(dense_answers: Sequence, sparse_answers: Sequence) -> float:
     """Share of items whose sparse greedy answer equals the dense one.
 
-    Answers given as strings are compared after ``normalize_answer`` (case, punctuation and digit spelling do
-    not count); answers given as token-id sequences are compared exactly."""
+    Responses given as strings are compared by :func:`stated_answer` (the numbers they state; wording, case,
+    punctuation and digit spelling do not count); answers given as token-id sequences are compared exactly."""
     if len(dense_answers) != len(sparse_answers):
         raise ValueError(f"{len(dense_answers)} dense answers but {len(sparse_answers)} sparse ones")
     if not dense_answers:
@@ -96,7 +106,7 @@ def agreement(dense_answers: Sequence, sparse_answers: Sequence) -> float:
 
     def key(answer):
         if isinstance(answer, str):
-            return normalize_answer(answer)
+            return stated_answer(answer)
         if isinstance(answer, torch.Tensor):
             return tuple(answer.flatten().tolist())
         return tuple(int(token) for token in answer)

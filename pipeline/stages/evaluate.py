@@ -11,7 +11,8 @@ prefill and per-token decode latency and their speed-up over dense (paired by pr
 Every method, dense included, runs in ``evaluate.dtype`` (``auto``: bfloat16 where the device has bf16 units, else
 ``model.dtype``); the plans were profiled and validated in ``model.dtype``.
 
-Writes ``eval/results.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
+Writes ``eval/results.csv`` and, per item, every method's response beside the gold answer and dense's response in
+``eval/answers.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
 cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
 """
 
@@ -27,6 +28,7 @@ from pipeline.calibration.builder import end_token_ids
 from pipeline.errors import UserError
 from pipeline.evaluation.harness import (
     Method,
+    answer_rows,
     eval_items,
     heldout_text,
     result_rows,
@@ -41,6 +43,8 @@ from pipeline.stages.registry import stage
 COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "n", "accuracy", "acc_lo", "acc_hi", "agree_dense",
            "kl_dense", "ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density",
            "prefill_speedup", "decode_speedup")
+ANSWER_COLUMNS = ("method", "budget", "plan_id", "task", "seq_len", "item", "answer", "response", "correct",
+                  "dense_response", "agrees_dense")
 METRICS = COLUMNS[6:]
 TASK_METRICS = ("accuracy", "acc_lo", "acc_hi", "agree_dense", "kl_dense")
 LENGTH_METRICS = ("ppl", "prefill_ms", "decode_ms_per_token", "kv_bytes", "kv_density", "attention_density",
@@ -60,12 +64,19 @@ def run_evaluate(ctx):
     plans = _budget_plans(ctx, info)  # refuses a wrong-model plan before any evaluation
     binary_at = binary_builder(ctx, info)
     eos_ids = end_token_ids(model, tokenizer)
-    rows = []
+    rows, answers = [], []
+
+    def keep(path):
+        cell = json.loads(path.read_text())  # {"rows": [...], "answers": [...]}
+        rows.extend(cell["rows"])
+        answers.extend(cell["answers"])
+
     for length in ctx.progress(settings.lengths, desc="evaluate lengths"):
         methods = _methods(plans, info, length, binary_at)
         cells = {m: ctx.partial_dir / f"{m.name}_{m.budget or 'all'}_{length}.json" for m in methods}
         if all(path.is_file() for path in cells.values()):
-            rows += [row for path in cells.values() for row in json.loads(path.read_text())]
+            for path in cells.values():
+                keep(path)
             continue
         try:
             items = eval_items(tokenizer, settings.tasks, length, settings.samples, settings.max_new_tokens,
@@ -78,17 +89,18 @@ def run_evaluate(ctx):
         dense_run = generate(methods[0])
         dense = dense_run.generations  # every other method is compared with dense's own answers
         for method in ctx.progress(methods, desc=f"methods N={length}", leave=False):
-            if cells[method].is_file():
-                rows += json.loads(cells[method].read_text())
-                continue
-            run = dense_run if method is methods[0] else generate(method, dense=dense)
-            cell = result_rows(model, tokenizer, method, length, items, run.generations, dense, run.ppl,
-                               backend=settings.backend)
-            io.write_json(cells[method], cell)
-            rows += cell
+            if not cells[method].is_file():
+                run = dense_run if method is methods[0] else generate(method, dense=dense)
+                io.write_json(cells[method], {
+                    "rows": result_rows(model, tokenizer, method, length, items, run.generations, dense, run.ppl,
+                                        backend=settings.backend),
+                    "answers": answer_rows(tokenizer, method, length, items, run.generations, dense)})
+            keep(cells[method])
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     io.write_csv(ctx.artifacts.eval_results, frame)
+    io.write_csv(ctx.artifacts.eval_answers, pd.DataFrame(answers, columns=list(ANSWER_COLUMNS)))
     ctx.log_artifact(ctx.artifacts.eval_results)
+    ctx.log_artifact(ctx.artifacts.eval_answers)
     _log_methods(ctx, frame, dtype)
     print(_table(frame), flush=True)
     return {"rows": len(frame), "methods": sorted(set(zip(frame["method"], frame["budget"], strict=True)))}
