@@ -187,6 +187,48 @@ def test_answers_list_every_item_and_account_for_accuracy_and_agreement(full_run
         assert (total["correct"], total["agrees_dense"]) == pytest.approx((row.accuracy, row.agree_dense))
 
 
+def test_killed_evaluation_resumes_per_method_and_length(full_run, tmp_path, monkeypatch):
+    """A kill during stage=evaluate keeps every finished (method, length) cell: the rerun generates only dense's
+    reference answers again and the methods not yet done, and ends with the same results and answers as an
+    uninterrupted run."""
+    import shutil
+
+    import pipeline.stages.evaluate as evaluate_stage
+
+    source, _ = full_run
+    run_dir = tmp_path / "runs"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("eval", "evaluate", "mlflow.db", "mlartifacts", "adapters"))
+    real, calls = evaluate_stage.run_method, []
+
+    def run_then_kill(*args, **kwargs):
+        calls.append(args[2].name)  # the Method
+        if len(calls) == 4:  # dense, moa@0.5 and binary@0.5 are done
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "run_method", run_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run_dir, "stage=evaluate", *LENGTHS)
+    cells = sorted(p.name for p in (run_dir / "evaluate" / ".partial").rglob("*.json"))
+    assert cells == ["binary_0.5_768.json", "dense_all_768.json", "moa_0.5_768.json"]
+    assert not (run_dir / "eval" / "results.csv").exists() and not (run_dir / "evaluate" / ".done.json").exists()
+    assert not [p for d in ("eval", "evaluate") for p in (run_dir / d).rglob("*") if p.name.endswith(".tmp")]
+
+    calls.clear()
+    monkeypatch.setattr(evaluate_stage, "run_method", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
+    assert run_stage(run_dir, "stage=evaluate", *LENGTHS) == {"evaluate": "ran"}
+    assert calls == ["dense", "uniform", "moa", "binary", "uniform"]  # the 0.25 budget's methods are the rest
+    keys = ["method", "budget", "task", "seq_len"]
+    resumed, whole = (pd.read_csv(d / "eval" / "results.csv", dtype={"budget": str}).fillna({"budget": ""})
+                      .sort_values(keys).reset_index(drop=True) for d in (run_dir, source))
+    exact = [*keys, "plan_id", "n", "accuracy", "agree_dense", "kv_bytes", "kv_density", "attention_density"]
+    pd.testing.assert_frame_equal(resumed[exact], whole[exact])
+    assert resumed["kl_dense"].to_numpy() == pytest.approx(whole["kl_dense"].to_numpy(), rel=1e-6, abs=1e-9)
+    answers = [pd.read_csv(d / "eval" / "answers.csv", dtype=str, keep_default_na=False).sort_values([*keys, "item"])
+               .reset_index(drop=True) for d in (run_dir, source)]
+    pd.testing.assert_frame_equal(*answers)
+
+
 def _most_full_heads(plan, window: int, n: int, kv_density: float) -> tuple[int, float]:
     """The binary baseline at ``n`` within ``kv_density``: full attention loses nothing, so the least-loss split
     makes as many heads full as fit. Returns that count and the KV density it gives (``plan``'s heads, sink and

@@ -13,7 +13,7 @@ Every method, dense included, runs in ``evaluate.dtype`` (``auto``: bfloat16 whe
 
 Writes ``eval/results.csv`` and, per item, every method's response beside the gold answer and dense's response in
 ``eval/answers.csv``; each (method, budget) is also a nested MLflow run. Finished (method, budget, length)
-cells are kept under ``eval/.partial/<config hash>/``, so a killed run resumes where it stopped.
+cells are kept under ``evaluate/.partial/<config hash>/``, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
