@@ -68,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
         run_pipeline(cfg)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished artifacts are kept; rerun the same command to resume", file=sys.stderr)
+        _say("interrupted: finished artifacts are kept; rerun the same command to resume")
         return 130
     return 0
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write, so the ranks of a torchrun that share the stream never interleave inside
+    it (``print`` writes the text and the newline separately, and unbuffered stderr passes each on at once)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -110,6 +110,26 @@ def test_user_errors_exit_2_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
 
 
+def test_the_error_line_leaves_in_one_write(tmp_path, monkeypatch):
+    """Ranks of a torchrun share one stderr, unbuffered: a line written in pieces interleaves with the other rank's."""
+    from pipeline.run import main
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["stage=nope", f"run_dir={tmp_path}/r"]) == 2
+    assert len(writes) == 1 and writes[0].startswith("error: ") and writes[0].endswith("\n")
+    assert writes[0].count("\n") == 1
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
