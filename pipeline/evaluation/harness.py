@@ -99,35 +99,6 @@ def run_method(model, tokenizer, method: Method, items: dict[str, list], eos_ids
     return MethodRun(generations, ppl)
 
 
-def result_rows(model, tokenizer, method: Method, length: int, items: dict[str, list],
-                generations: dict[str, list[Generation]], dense: dict[str, list[Generation]], ppl: float,
-                *, backend: str) -> list[dict]:
-    """One results row per task (the ``eval/results.csv`` columns)."""
-    rows = []
-    for task, task_items in items.items():
-        gens, refs = generations[task], dense[task]
-        texts = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
-        dense_texts = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in refs]
-        correct = sum(is_correct(text, item.answer) for text, item in zip(texts, task_items, strict=True))
-        low, high = wilson_interval(correct, len(gens))
-        rows.append({
-            "method": method.name, "budget": method.budget, "plan_id": method.plan_id, "task": task,
-            "seq_len": length, "n": len(gens), "accuracy": correct / len(gens), "acc_lo": low, "acc_hi": high,
-            "agree_dense": agreement(dense_texts, texts),
-            "kl_dense": _mean_kl(model, method, gens, refs, backend=backend),
-            "ppl": ppl,
-            "prefill_ms": statistics.median(g.prefill_ms for g in gens),
-            "decode_ms_per_token": _median_finite(g.decode_ms_per_token for g in gens),
-            "kv_bytes": int(statistics.median(g.kv_bytes for g in gens)),
-            "kv_density": 1.0 if method.plan is None else plan_kv_density(method.plan, length),
-            "attention_density": 1.0 if method.plan is None else plan_attention_density(method.plan, length),
-            "prefill_speedup": _paired_ratio([g.prefill_ms for g in refs], [g.prefill_ms for g in gens]),
-            "decode_speedup": _paired_ratio([g.decode_ms_per_token for g in refs],
-                                            [g.decode_ms_per_token for g in gens]),
-        })
-    return rows
-
-
 def answer_rows(tokenizer, method: Method, length: int, items: dict[str, list],
                 generations: dict[str, list[Generation]], dense: dict[str, list[Generation]]) -> list[dict]:
     """One row per item (the ``eval/answers.csv`` columns): the gold answer, the method's response and dense's,
@@ -141,6 +112,35 @@ def answer_rows(tokenizer, method: Method, length: int, items: dict[str, list],
                          "seq_len": length, "item": index, "answer": item.answer, "response": text,
                          "correct": is_correct(text, item.answer), "dense_response": dense_text,
                          "agrees_dense": agreement([dense_text], [text]) == 1.0})
+    return rows
+
+
+def result_rows(model, method: Method, length: int, answers: list[dict],
+                generations: dict[str, list[Generation]], dense: dict[str, list[Generation]], ppl: float,
+                *, backend: str) -> list[dict]:
+    """One results row per task (the ``eval/results.csv`` columns); accuracy and agreement count ``answers``
+    (:func:`answer_rows` of the same generations)."""
+    rows = []
+    for task, gens in generations.items():
+        refs = dense[task]
+        scored = [answer for answer in answers if answer["task"] == task]
+        correct = sum(answer["correct"] for answer in scored)
+        low, high = wilson_interval(correct, len(gens))
+        rows.append({
+            "method": method.name, "budget": method.budget, "plan_id": method.plan_id, "task": task,
+            "seq_len": length, "n": len(gens), "accuracy": correct / len(gens), "acc_lo": low, "acc_hi": high,
+            "agree_dense": sum(answer["agrees_dense"] for answer in scored) / len(gens),
+            "kl_dense": _mean_kl(model, method, gens, refs, backend=backend),
+            "ppl": ppl,
+            "prefill_ms": statistics.median(g.prefill_ms for g in gens),
+            "decode_ms_per_token": _median_finite(g.decode_ms_per_token for g in gens),
+            "kv_bytes": int(statistics.median(g.kv_bytes for g in gens)),
+            "kv_density": 1.0 if method.plan is None else plan_kv_density(method.plan, length),
+            "attention_density": 1.0 if method.plan is None else plan_attention_density(method.plan, length),
+            "prefill_speedup": _paired_ratio([g.prefill_ms for g in refs], [g.prefill_ms for g in gens]),
+            "decode_speedup": _paired_ratio([g.decode_ms_per_token for g in refs],
+                                            [g.decode_ms_per_token for g in gens]),
+        })
     return rows
 
 

@@ -91,10 +91,11 @@ def run_evaluate(ctx):
         for method in ctx.progress(methods, desc=f"methods N={length}", leave=False):
             if not cells[method].is_file():
                 run = dense_run if method is methods[0] else generate(method, dense=dense)
+                answers_here = answer_rows(tokenizer, method, length, items, run.generations, dense)
                 io.write_json(cells[method], {
-                    "rows": result_rows(model, tokenizer, method, length, items, run.generations, dense, run.ppl,
+                    "rows": result_rows(model, method, length, answers_here, run.generations, dense, run.ppl,
                                         backend=settings.backend),
-                    "answers": answer_rows(tokenizer, method, length, items, run.generations, dense)})
+                    "answers": answers_here})
             keep(cells[method])
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     io.write_csv(ctx.artifacts.eval_results, frame)
