@@ -28,7 +28,7 @@ from pipeline.calibration.builder import chat_ids
 from pipeline.calibration.tasks import _prose_paragraphs, item_rng
 from pipeline.evaluation.generation import Generation, teacher_forced_logits, timed_greedy
 from pipeline.evaluation.perplexity import perplexity
-from pipeline.evaluation.scoring import agreement, is_correct, kl_from_dense, wilson_interval
+from pipeline.evaluation.scoring import is_correct, kl_from_dense, stated_answer, wilson_interval
 from pipeline.evaluation.tasks import make_eval_item
 from pipeline.plan import Plan, plan_attention_density, plan_kv_density
 from pipeline.sparse_runtime import plan_applied_if
@@ -111,7 +111,7 @@ def answer_rows(tokenizer, method: Method, length: int, items: dict[str, list],
             rows.append({"method": method.name, "budget": method.budget, "plan_id": method.plan_id, "task": task,
                          "seq_len": length, "item": index, "answer": item.answer, "response": text,
                          "correct": is_correct(text, item.answer), "dense_response": dense_text,
-                         "agrees_dense": agreement([dense_text], [text]) == 1.0})
+                         "agrees_dense": stated_answer(text) == stated_answer(dense_text)})
     return rows
 
 
